@@ -1,0 +1,219 @@
+/* hwport's native rounding kernel: one pass over a float32 or float64 buffer.
+ *
+ * It computes exactly what hwport.rounding._quantize_xp computes (the array-namespace
+ * kernel that serves torch on any device and jax under jit); tests hold the two to the
+ * same bits and both to ml_dtypes / torch casts and the scalar definition in formats.py.
+ *
+ * Semantics (per element, on the magnitude; the sign is reattached):
+ *   NaN stays NaN (quiet); inf becomes inf_bits; 0 stays 0.
+ *   Normal target range: drop s = CM - m mantissa bits.  Subnormal range: the value is
+ *   k * 2**(esub - m) with k the integer number of quanta; the same rule drops bits of the
+ *   significand.  With Tesla's "bias" subnormals the band (max_sub, min_normal) has the two
+ *   neighbours max_sub and min_normal, handled apart.
+ *   nearest: ties to even.  toward_zero: truncate.  stochastic: round up iff
+ *   r + floor(frac * 2**R) >= 2**R, r = the R high bits of a counter-based hash of
+ *   (element index, key0, key1).
+ *   After rounding: magnitude > max -> overflow (inf, max or NaN); flush-to-zero formats
+ *   replace nonzero results below min_normal by zero.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <stdint.h>
+#include <string.h>
+#include <math.h>
+
+typedef struct {
+    int m, emin, esub, ftz, gap, overflow, mode, rbits;
+    uint64_t max_bits, inf_bits, maxsub_bits, minnorm_bits, nan_bits;
+    uint32_t key0, key1;
+} params_t;
+
+enum { MODE_NEAREST = 0, MODE_STOCHASTIC = 1, MODE_TOWARD_ZERO = 2 };
+
+static inline uint32_t lowbias32(uint32_t x) {
+    x ^= x >> 16; x *= 0x7feb352dU; x ^= x >> 15; x *= 0x846ca68bU; x ^= x >> 16;
+    return x;
+}
+
+static inline uint64_t random_bits(const params_t *p, uint64_t i) {
+    return (uint64_t)(lowbias32(lowbias32((uint32_t)i + p->key0) ^ p->key1) >> (32 - p->rbits));
+}
+
+/* 1 if the bits dropped below position s (0..63) round the kept part up.  Branch-free:
+ * nearest adds half - 1 plus the parity of the kept part, so only a carry past s is kept. */
+static inline __attribute__((always_inline)) uint64_t
+round_up(const params_t *p, const int mode, uint64_t v, int s, uint64_t i) {
+    if (s <= 0) return 0;
+    if (s > 62) s = 62;
+    uint64_t dropped = v & ((1ULL << s) - 1);
+    if (mode == MODE_NEAREST)
+        return (dropped + ((1ULL << (s - 1)) - 1) + ((v >> s) & 1)) >> s;
+    if (mode == MODE_STOCHASTIC) {
+        int R = p->rbits;
+        uint64_t frac = s >= R ? dropped >> (s - R) : dropped << (R - s);
+        return (random_bits(p, i) + frac) >> R;
+    }
+    return 0;
+}
+
+/* k * 2**(esub - m) as a bit pattern (exact: k <= 2**m + 1 fits the container mantissa). */
+static inline uint32_t from_quanta_k32(uint64_t k, const params_t *p) {
+    float v = ldexpf((float)k, p->esub - p->m);
+    uint32_t b; memcpy(&b, &v, 4); return b;
+}
+static inline uint64_t from_quanta_k64(uint64_t k, const params_t *p) {
+    double v = ldexp((double)k, p->esub - p->m);
+    uint64_t b; memcpy(&b, &v, 8); return b;
+}
+
+/* Band (max_sub, min_normal) of "bias" subnormals: choose between the two neighbours.
+ * D and W are counted in units of 2**(emin - 2 - CM), where the band's values are integers. */
+#define DEFINE_GAP(NAME, UINT, FT, CM, CB, LDEXP, FREXP_BITS)                               \
+static inline UINT gap_round_##NAME(const params_t *p, UINT a, uint64_t i) {                \
+    FT x; memcpy(&x, &a, sizeof x);                                                         \
+    FT lo; memcpy(&lo, &p->maxsub_bits, sizeof lo);                                         \
+    uint64_t D = (uint64_t)LDEXP(x - lo, CM + 2 - p->emin);                                 \
+    uint64_t W = ((uint64_t)1 << (CM + 2)) - (((uint64_t)1 << p->m) - 1) * ((uint64_t)1 << (CM + 1 - p->m)); \
+    uint64_t up;                                                                            \
+    if (p->mode == MODE_NEAREST) up = 2 * D >= W;                                           \
+    else if (p->mode == MODE_TOWARD_ZERO) up = 0;                                           \
+    else {                                                                                  \
+        uint64_t frac = 0, d = D;                                                           \
+        for (int b = 0; b < p->rbits; b++) { d <<= 1; frac <<= 1; if (d >= W) { d -= W; frac |= 1; } } \
+        up = (random_bits(p, i) + frac) >> p->rbits;                                        \
+    }                                                                                       \
+    return up ? (UINT)p->minnorm_bits : (UINT)p->maxsub_bits;                               \
+}
+
+DEFINE_GAP(k32, uint32_t, float, 23, 127, ldexpf, 0)
+DEFINE_GAP(k64, uint64_t, double, 52, 1023, ldexp, 0)
+/* CM: container mantissa bits, CB: container exponent bias.
+ *
+ * NAME##_one rounds one element exactly as the header says.  NAME##_block is the fast
+ * path: a branch-free, vectorisable pass that is exact for zeros and for inputs in the
+ * target's normal range whose result stays finite; a second pass redoes, with _one, only
+ * the elements outside that case (subnormal range, overflow, inf, NaN).  Each loop is
+ * inlined once per rounding mode so that the mode's test leaves the loop. */
+#define DEFINE_KERNEL(NAME, UINT, CM, CB)                                                   \
+static inline __attribute__((always_inline)) UINT                                           \
+NAME##_one(UINT u, uint64_t i, const params_t *p, const int mode) {                         \
+    const UINT signbit = (UINT)1 << (sizeof(UINT) * 8 - 1);                                 \
+    const UINT infpat = (UINT)(((UINT)1 << (sizeof(UINT) * 8 - 1 - CM)) - 1) << CM;         \
+    const UINT implicit = (UINT)1 << CM;                                                    \
+    const UINT emin_pat = (UINT)(p->emin + CB) << CM;                                       \
+    const int s_norm = CM - p->m;                                                           \
+    UINT sign = u & signbit, a = u & ~signbit, res;                                         \
+    if (a >= infpat)                                                                        \
+        return a > infpat ? (u | ((UINT)1 << (CM - 1))) : (sign | (UINT)p->inf_bits);      \
+    if (a >= emin_pat) {                                                                    \
+        res = (UINT)((a >> s_norm << s_norm) + (round_up(p, mode, a, s_norm, i) << s_norm)); \
+    } else if (a == 0) {                                                                    \
+        return u;                                                                           \
+    } else if (p->gap && a > (UINT)p->maxsub_bits) {                                        \
+        res = gap_round_##NAME(p, a, i);                                                    \
+    } else {                                                                                \
+        int e = (int)(a >> CM) - CB;                                                        \
+        int ein = e < 1 - CB ? 1 - CB : e;                                                  \
+        uint64_t sig = (uint64_t)((a & (implicit - 1)) | (e < 1 - CB ? 0 : implicit));      \
+        int s = CM - p->m + p->esub - ein;                                                  \
+        uint64_t k = (s > 62 ? 0 : sig >> s) + round_up(p, mode, sig, s, i);                 \
+        res = k == 0 ? 0 : from_quanta_##NAME(k, p);                                        \
+    }                                                                                       \
+    if (res > (UINT)p->max_bits)                                                            \
+        res = p->overflow == 0 ? infpat                                                     \
+            : p->overflow == 1 ? (UINT)p->max_bits : (UINT)p->nan_bits;                     \
+    else if (p->ftz && res < (UINT)p->minnorm_bits)                                         \
+        res = 0;                                                                            \
+    return sign | res;                                                                      \
+}                                                                                           \
+/* the fast formula: exact for zeros and normal-range results up to max */              \
+static inline __attribute__((always_inline)) UINT                                           \
+NAME##_fast(UINT a, uint32_t idx, int s, int R, UINT mask, UINT half1, uint32_t k0,         \
+            uint32_t k1, const int mode) {                                                  \
+    if (mode == MODE_NEAREST) return (UINT)((a + half1 + (s ? (a >> s) & 1 : 0)) & ~mask);  \
+    if (mode == MODE_TOWARD_ZERO) return (UINT)(a & ~mask);                                 \
+    UINT dropped = a & mask;                                                                \
+    UINT frac = s >= R ? dropped >> (s - R) : dropped << (R - s);                           \
+    UINT r = (UINT)(lowbias32(lowbias32(idx + k0) ^ k1) >> (32 - R));                       \
+    return (UINT)((a & ~mask) + (((r + frac) >> R) << s));                                  \
+}                                                                                           \
+static inline __attribute__((always_inline)) void                                           \
+NAME##_block(const UINT *restrict src, UINT *restrict dst, Py_ssize_t n, uint64_t base,     \
+             const params_t *p, const int mode) {                                           \
+    const UINT signbit = (UINT)1 << (sizeof(UINT) * 8 - 1);                                 \
+    const UINT emin_pat = (UINT)(p->emin + CB) << CM;                                       \
+    const int s = CM - p->m, R = p->rbits;                                                  \
+    const UINT mask = s ? (UINT)(((UINT)1 << s) - 1) : 0, maxb = (UINT)p->max_bits;         \
+    const UINT half1 = s ? (UINT)(((UINT)1 << (s - 1)) - 1) : 0;                            \
+    const uint32_t k0 = p->key0, k1 = p->key1, base32 = (uint32_t)base;                     \
+    unsigned char special[BLOCK];                                                           \
+    unsigned char bad = 0;                                                                  \
+    for (Py_ssize_t j = 0; j < n; j++) {                                                    \
+        UINT u = src[j], a = u & ~signbit;                                                  \
+        UINT res = NAME##_fast(a, base32 + (uint32_t)j, s, R, mask, half1, k0, k1, mode);   \
+        unsigned char sp = ((UINT)(a - 1) < (UINT)(emin_pat - 1)) | (a > maxb) | (res > maxb); \
+        special[j] = sp;                                                                    \
+        bad |= sp;                                                                          \
+        dst[j] = (u & signbit) | res;                                                       \
+    }                                                                                       \
+    if (!bad) return;                                                                       \
+    for (Py_ssize_t j = 0; j < n; j++)                                                      \
+        if (special[j]) dst[j] = NAME##_one(src[j], base + j, p, mode);                     \
+}                                                                                           \
+TARGETS static void NAME(const UINT *src, UINT *dst, Py_ssize_t n, const params_t *p) {             \
+    const params_t local = *p;                                                              \
+    for (Py_ssize_t b = 0; b < n; b += BLOCK) {                                             \
+        Py_ssize_t len = n - b < BLOCK ? n - b : BLOCK;                                     \
+        if (local.mode == MODE_NEAREST)                                                     \
+            NAME##_block(src + b, dst + b, len, (uint64_t)b, &local, MODE_NEAREST);         \
+        else if (local.mode == MODE_STOCHASTIC)                                             \
+            NAME##_block(src + b, dst + b, len, (uint64_t)b, &local, MODE_STOCHASTIC);      \
+        else                                                                                \
+            NAME##_block(src + b, dst + b, len, (uint64_t)b, &local, MODE_TOWARD_ZERO);     \
+    }                                                                                       \
+}
+
+#define BLOCK 4096
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define TARGETS __attribute__((target_clones("avx2", "default")))
+#else
+#define TARGETS
+#endif
+
+DEFINE_KERNEL(k32, uint32_t, 23, 127)
+DEFINE_KERNEL(k64, uint64_t, 52, 1023)
+
+static PyObject *quantize(PyObject *self, PyObject *args) {
+    Py_buffer src, dst;
+    params_t p;
+    unsigned long long max_bits, inf_bits, maxsub_bits, minnorm_bits, nan_bits;
+    unsigned int key0, key1;
+    int width;
+    if (!PyArg_ParseTuple(args, "y*w*iiiiiiiiiKKKKKII", &src, &dst, &width, &p.m, &p.emin,
+                          &p.esub, &p.ftz, &p.gap, &p.overflow, &p.mode, &p.rbits, &max_bits,
+                          &inf_bits, &maxsub_bits, &minnorm_bits, &nan_bits, &key0, &key1))
+        return NULL;
+    p.max_bits = max_bits; p.inf_bits = inf_bits; p.maxsub_bits = maxsub_bits;
+    p.minnorm_bits = minnorm_bits; p.nan_bits = nan_bits; p.key0 = key0; p.key1 = key1;
+    if (src.len != dst.len || (width != 32 && width != 64) || src.len % (width / 8)) {
+        PyBuffer_Release(&src); PyBuffer_Release(&dst);
+        PyErr_SetString(PyExc_ValueError, "quantize: buffers must match and hold whole floats");
+        return NULL;
+    }
+    Py_ssize_t n = src.len / (width / 8);
+    Py_BEGIN_ALLOW_THREADS
+    if (width == 32) k32((const uint32_t *)src.buf, (uint32_t *)dst.buf, n, &p);
+    else k64((const uint64_t *)src.buf, (uint64_t *)dst.buf, n, &p);
+    Py_END_ALLOW_THREADS
+    PyBuffer_Release(&src); PyBuffer_Release(&dst);
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef methods[] = {
+    {"quantize", quantize, METH_VARARGS, "Round a float32/float64 buffer into another."},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_kernels", NULL, -1, methods};
+
+PyMODINIT_FUNC PyInit__kernels(void) { return PyModule_Create(&module); }

@@ -1,0 +1,568 @@
+"""Rounding values into a :class:`~hwport.formats.FloatFormat`, as hardware stores them.
+
+``quantize(x, fmt, rounding)`` returns the value of each element of ``x`` after it is
+written in ``fmt`` and read back, in ``x``'s own array type and dtype (a numpy array, a
+torch tensor or a jax array; a Python float gives a float). The three give the same bits
+for the same input and seed.
+
+Semantics, per element (``round_scalar`` is the executable definition, exact arithmetic):
+
+* ``nearest``: the nearer of the two neighbouring values of the format, ties to the even
+  code (IEEE 754 roundTiesToEven, with an unbounded exponent before the overflow check).
+* ``toward_zero``: the neighbour of smaller magnitude.
+* ``stochastic``: the larger-magnitude neighbour with probability equal to the distance
+  from the smaller one over the gap, resolved to ``rbits`` random bits; the bits come from
+  a counter-based hash of (seed, element index), so a seed fixes the result.
+* A rounded magnitude above the format's largest value overflows to inf, to the largest
+  value, or to NaN (the format's ``overflow``, or ``saturate=True/False`` to override);
+  under ``toward_zero`` a finite value never overflows to inf (IEEE).
+* inf becomes inf, the largest value (saturating) or NaN; NaN stays NaN; zeros keep
+  their sign; flush-to-zero formats turn nonzero results below the smallest normal to 0.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+import struct
+import sys
+from dataclasses import dataclass
+from fractions import Fraction
+from functools import lru_cache
+from typing import Any, TypeVar
+
+import numpy as np
+
+from hwport import formats as _formats
+from hwport.errors import FormatError
+from hwport.formats import FloatFormat
+
+try:
+    from hwport import _kernels  # type: ignore[attr-defined]
+except ImportError:  # pragma: no cover - a build without the C extension
+    _kernels = None
+
+A = TypeVar("A")
+
+MAX_RBITS = 24
+
+
+class Rounding(enum.Enum):
+    """How a value between two representable neighbours is resolved."""
+
+    NEAREST = "nearest"
+    STOCHASTIC = "stochastic"
+    TOWARD_ZERO = "toward_zero"
+
+
+@dataclass(frozen=True)
+class _Container:
+    width: int  # 32 or 64
+    mbits: int  # 23 or 52
+    bias: int  # 127 or 1023
+
+    @property
+    def sign(self) -> int:
+        return 1 << (self.width - 1)
+
+    @property
+    def inf(self) -> int:
+        return ((1 << (self.width - 1 - self.mbits)) - 1) << self.mbits
+
+    @property
+    def quiet(self) -> int:
+        return 1 << (self.mbits - 1)
+
+    def bits(self, v: float) -> int:
+        fmt = "<f" if self.width == 32 else "<d"
+        ifmt = "<I" if self.width == 32 else "<Q"
+        return int(struct.unpack(ifmt, struct.pack(fmt, v))[0])
+
+
+F32 = _Container(32, 23, 127)
+F64 = _Container(64, 52, 1023)
+
+
+@dataclass(frozen=True)
+class KernelParams:
+    """Everything the kernels need, derived once per (format, container, mode)."""
+
+    width: int
+    m: int
+    emin: int
+    esub: int
+    ftz: int
+    gap: int
+    overflow: int  # 0 inf, 1 saturate, 2 nan
+    mode: int  # 0 nearest, 1 stochastic, 2 toward_zero
+    rbits: int
+    max_bits: int
+    inf_bits: int
+    maxsub_bits: int
+    minnorm_bits: int
+    nan_bits: int
+    key0: int
+    key1: int
+
+
+_MODES = {Rounding.NEAREST: 0, Rounding.STOCHASTIC: 1, Rounding.TOWARD_ZERO: 2}
+
+
+def _splitmix64(seed: int) -> int:
+    z = (seed + 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+    return z ^ (z >> 31)
+
+
+@lru_cache(maxsize=4096)
+def kernel_params(
+    fmt: FloatFormat, width: int, rounding: Rounding, seed: int | None,
+    saturate: bool | None, rbits: int,
+) -> KernelParams:
+    """The kernel parameters for rounding ``width``-bit floats into ``fmt``."""
+    c = F32 if width == 32 else F64
+    overflow = fmt.overflow
+    if saturate is True:
+        overflow = "saturate"
+    elif saturate is False and overflow == "saturate":
+        overflow = "inf" if fmt.inf else "nan"
+        if overflow == "nan" and not fmt.has_nan:
+            raise FormatError(f"{fmt.name} has neither inf nor NaN: it can only saturate")
+    nan_bits = c.inf | c.quiet
+    ovf = {"inf": 0, "saturate": 1, "nan": 2}[overflow]
+    if rounding is Rounding.TOWARD_ZERO and ovf == 0:
+        ovf = 1  # IEEE: toward zero, a finite value overflows to the largest finite value
+    inf_bits = {0: c.inf, 1: c.bits(fmt.max), 2: nan_bits}[
+        {"inf": 0, "saturate": 1, "nan": 2}[overflow]]
+    key = _splitmix64((seed or 0) & 0xFFFFFFFFFFFFFFFF)
+    gap = int(fmt.subnormals and fmt.subnormal_exponent == "bias" and fmt.mantissa_bits > 0)
+    return KernelParams(
+        width=width, m=fmt.mantissa_bits, emin=fmt.min_exponent,
+        esub=fmt.subnormal_base_exponent if fmt.subnormals else fmt.min_exponent,
+        ftz=int(not fmt.subnormals), gap=gap, overflow=ovf, mode=_MODES[rounding],
+        rbits=rbits, max_bits=c.bits(fmt.max), inf_bits=inf_bits,
+        maxsub_bits=c.bits(fmt.max_subnormal), minnorm_bits=c.bits(fmt.min_normal),
+        nan_bits=nan_bits, key0=key & 0xFFFFFFFF, key1=key >> 32,
+    )
+
+
+# --------------------------------------------------------------------------------------
+# The array-namespace kernel: one definition over numpy, torch (any device) and jax (jit).
+# It computes in a signed integer type of ``width`` bits; shift amounts are clamped so
+# that no operation depends on how a library treats over-wide or negative shifts.
+# --------------------------------------------------------------------------------------
+class _Ops:
+    """Integer operations of one array library, in a signed type of ``width`` bits."""
+
+    width: int
+
+    def where(self, c: Any, x: Any, y: Any) -> Any:
+        raise NotImplementedError
+
+    def clip(self, s: Any) -> Any:
+        raise NotImplementedError
+
+    def random_bits(self, idx: Any, p: KernelParams) -> Any:
+        raise NotImplementedError
+
+    def float_bits(self, k: Any, width: int) -> Any:
+        raise NotImplementedError
+
+    def shl(self, v: Any, s: Any) -> Any:
+        if isinstance(s, int):
+            return v << min(max(s, 0), self.width - 2)
+        return self.as_int(v) << self.clip(s)
+
+    def shr(self, v: Any, s: Any) -> Any:
+        if isinstance(s, int):
+            return v >> min(max(s, 0), self.width - 2)
+        return self.as_int(v) >> self.clip(s)
+
+    def as_int(self, v: Any) -> Any:
+        raise NotImplementedError
+
+
+def _lowbias32(x: Any, mul: Any) -> Any:
+    """lowbias32 (C. Wellons) on values in [0, 2**32); ``mul`` multiplies modulo 2**32."""
+    x = x ^ (x >> 16)
+    x = mul(x, 0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = mul(x, 0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def _kernel(ops: _Ops, bits: Any, idx: Any, p: KernelParams) -> Any:
+    """Round the float bit patterns ``bits`` (in ``ops``' integer type) as ``p`` says."""
+    c = F32 if p.width == 32 else F64
+    a = bits & (c.sign - 1)
+    sign = bits & c.sign if ops.width > p.width else bits - a
+    r = ops.random_bits(idx, p) if p.mode == 1 else None
+
+    def up(v: Any, s: Any) -> Any:
+        """1 where the bits of ``v`` below position ``s`` round the kept part up."""
+        dropped = v & (ops.shl(1, s) - 1)
+        if p.mode == 0:
+            half = ops.shl(1, s - 1)
+            odd = (ops.shr(v, s) & 1) == 1
+            return ops.where((dropped > half) | ((dropped == half) & odd), 1, 0)
+        if p.mode == 1:
+            R = p.rbits
+            if isinstance(s, int):
+                frac = ops.shr(dropped, s - R) if s >= R else ops.shl(dropped, R - s)
+            else:
+                frac = ops.where(s >= R, ops.shr(dropped, s - R), ops.shl(dropped, R - s))
+            return (r + frac) >> R
+        return 0
+
+    # normal range of the target: drop the low mantissa bits of the pattern itself
+    s_n = c.mbits - p.m
+    res_n = ((a >> s_n) << s_n) + ops.shl(up(a, s_n), s_n) if s_n else a
+    # subnormal range: k quanta of 2**(esub - m)
+    eb = a >> c.mbits
+    implicit = 1 << c.mbits
+    sig = (a & (implicit - 1)) | ops.where(eb > 0, implicit, 0)
+    s_s = (c.mbits - p.m + p.esub + c.bias) - ops.where(eb > 1, eb, 1)
+    k = ops.shr(sig, s_s) + up(sig, s_s)
+    # the bits of k * 2**(esub - m), with no floating-point arithmetic on subnormals
+    as_normal = ops.float_bits(k, p.width) - ((p.m - p.esub) << c.mbits)
+    as_sub = ops.shl(k, p.esub - p.m + c.bias - 1 + c.mbits)
+    normal_from = 1 << max(0, 1 - c.bias - p.esub + p.m)
+    res_s = ops.where(k >= normal_from, as_normal, as_sub)
+    emin_pattern = (p.emin + c.bias) << c.mbits
+    res = ops.where(a >= emin_pattern, res_n, res_s)
+    if p.gap:
+        band = (a > p.maxsub_bits) & (a < emin_pattern)
+        res = ops.where(band, _gap(ops, a, r, p, c), res)
+    overflowed = {0: c.inf, 1: p.max_bits, 2: p.nan_bits}[p.overflow]
+    res = ops.where(res > p.max_bits, overflowed, res)
+    if p.ftz:
+        res = ops.where(res < p.minnorm_bits, 0, res)
+    res = ops.where(a == 0, 0, res)
+    res = ops.where(a == c.inf, p.inf_bits, res)
+    return ops.where(a > c.inf, bits | c.quiet, sign | res)
+
+
+def _gap(ops: _Ops, a: Any, r: Any, p: KernelParams, c: _Container) -> Any:
+    """Tesla "bias" subnormals: max_sub or min_normal for values in the band between."""
+    # In units of 2**(emin - 2 - CM) the band's values and both neighbours are integers.
+    eb = a >> c.mbits
+    sig = (a & ((1 << c.mbits) - 1)) | (1 << c.mbits)
+    x_units = ops.shl(sig, eb - (c.bias + p.emin - 2))
+    lo_units = ((1 << p.m) - 1) << (c.mbits + 1 - p.m)
+    gap = (1 << (c.mbits + 2)) - lo_units
+    d = x_units - lo_units
+    if p.mode == 0:
+        up = ops.where(2 * d >= gap, 1, 0)  # a tie goes to min_normal, the even code
+    elif p.mode == 2:
+        up = 0 * d
+    else:
+        frac = 0 * d
+        for _ in range(p.rbits):  # floor(d * 2**R / gap), bit by bit, in range
+            d = d << 1
+            bit = ops.where(d >= gap, 1, 0)
+            d = d - bit * gap
+            frac = (frac << 1) | bit
+        up = (r + frac) >> p.rbits
+    return ops.where(up == 1, p.minnorm_bits, p.maxsub_bits)
+
+
+class _NumpyOps(_Ops):
+    width = 64
+
+    def where(self, c: Any, x: Any, y: Any) -> Any:
+        return np.where(c, x, y).astype(np.int64)
+
+    def clip(self, s: Any) -> Any:
+        return np.clip(s, 0, self.width - 2)
+
+    def as_int(self, v: Any) -> Any:
+        return np.int64(v) if isinstance(v, int) else v
+
+    def random_bits(self, idx: Any, p: KernelParams) -> Any:
+        def mul(x: Any, k: int) -> Any:
+            return x * np.uint32(k)
+
+        with np.errstate(over="ignore"):
+            h = _lowbias32(_lowbias32(idx.astype(np.uint32) + np.uint32(p.key0), mul)
+                           ^ np.uint32(p.key1), mul)
+        return (h >> np.uint32(32 - p.rbits)).astype(np.int64)
+
+    def float_bits(self, k: Any, width: int) -> Any:
+        if width == 32:
+            return k.astype(np.float32).view(np.uint32).astype(np.int64)
+        return k.astype(np.float64).view(np.int64)
+
+
+class _TorchOps(_Ops):
+    width = 64
+
+    def __init__(self) -> None:
+        import torch
+
+        self.torch = torch
+
+    def where(self, c: Any, x: Any, y: Any) -> Any:
+        return self.torch.where(c, x, y)
+
+    def clip(self, s: Any) -> Any:
+        return s.clamp(0, self.width - 2)
+
+    def as_int(self, v: Any) -> Any:
+        return v
+
+    def shl(self, v: Any, s: Any) -> Any:
+        if isinstance(v, int) and not isinstance(s, int):
+            return self.torch.bitwise_left_shift(v, self.clip(s))
+        return super().shl(v, s)
+
+    def random_bits(self, idx: Any, p: KernelParams) -> Any:
+        mask = 0xFFFFFFFF
+
+        def mul(x: Any, k: int) -> Any:  # (x * k) mod 2**32 without int64 overflow
+            lo, hi = x & 0xFFFF, x >> 16
+            return (lo * k + (((hi * k) & 0xFFFF) << 16)) & mask
+
+        h = _lowbias32(_lowbias32((idx + p.key0) & mask, mul) ^ p.key1, mul)
+        return h >> (32 - p.rbits)
+
+    def float_bits(self, k: Any, width: int) -> Any:
+        t = self.torch
+        if width == 32:
+            return k.to(t.float32).view(t.int32).to(t.int64)
+        return k.to(t.float64).view(t.int64)
+
+
+class _JaxOps(_Ops):
+    def __init__(self, width: int) -> None:
+        import jax.numpy as jnp
+
+        self.jnp = jnp
+        self.width = width
+        self.itype = jnp.int32 if width == 32 else jnp.int64
+
+    def where(self, c: Any, x: Any, y: Any) -> Any:
+        return self.jnp.where(c, x, y).astype(self.itype)
+
+    def clip(self, s: Any) -> Any:
+        return self.jnp.clip(s, 0, self.width - 2)
+
+    def as_int(self, v: Any) -> Any:
+        return self.jnp.asarray(v, self.itype) if isinstance(v, int) else v
+
+    def random_bits(self, idx: Any, p: KernelParams) -> Any:
+        jnp = self.jnp
+
+        def mul(x: Any, k: int) -> Any:
+            return x * jnp.uint32(k)
+
+        h = _lowbias32(_lowbias32(idx.astype(jnp.uint32) + jnp.uint32(p.key0), mul)
+                       ^ jnp.uint32(p.key1), mul)
+        return (h >> (32 - p.rbits)).astype(self.itype)
+
+    def float_bits(self, k: Any, width: int) -> Any:
+        from jax import lax
+
+        ftype = self.jnp.float32 if width == 32 else self.jnp.float64
+        return lax.bitcast_convert_type(k.astype(ftype), self.itype)
+
+
+# --------------------------------------------------------------------------------------
+# quantize: dispatch on the array kind
+# --------------------------------------------------------------------------------------
+_CONTAINERS = {"float32": 32, "float64": 64}
+_UPCAST = {"float16": _formats.fp16, "bfloat16": _formats.bf16}
+
+
+def _array_kind(x: object) -> str:
+    if isinstance(x, np.ndarray | np.generic | float | int):
+        return "numpy"
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(x, torch.Tensor):
+        return "torch"
+    jax = sys.modules.get("jax")
+    if jax is not None and isinstance(x, jax.Array):
+        return "jax"
+    raise TypeError(
+        f"quantize: expected a numpy array, torch tensor, jax array or float, got {type(x).__name__}"
+    )
+
+
+def quantize(
+    x: A, fmt: FloatFormat | str, rounding: Rounding | str = Rounding.NEAREST, *,
+    seed: int | None = None, saturate: bool | None = None, rbits: int = 23,
+) -> A:
+    """``x`` rounded into ``fmt`` and read back, in ``x``'s own array type and dtype.
+
+    ``rounding`` is ``"nearest"`` (ties to even), ``"stochastic"`` (needs ``seed``; uses
+    ``rbits`` random bits, 1..24) or ``"toward_zero"``. ``saturate`` overrides the format's
+    overflow behaviour (True: clamp to the largest value; False: inf or NaN). Containers are
+    float32 and float64; float16 and bfloat16 are widened exactly, rounded and narrowed,
+    which needs ``fmt`` to fit in them (else the narrowing would round a second time).
+    """
+    fmt = _formats.get(fmt)
+    mode = Rounding(rounding)
+    if mode is Rounding.STOCHASTIC and seed is None:
+        raise ValueError("stochastic rounding needs a seed (an int) to be reproducible")
+    if not 1 <= rbits <= MAX_RBITS:
+        raise ValueError(f"rbits={rbits}: must be 1..{MAX_RBITS}")
+    kind = _array_kind(x)
+    if kind == "numpy":
+        return _quantize_numpy(x, fmt, mode, seed, saturate, rbits)  # type: ignore[return-value]
+    if kind == "torch":
+        return _quantize_torch(x, fmt, mode, seed, saturate, rbits)  # type: ignore[no-any-return]
+    return _quantize_jax(x, fmt, mode, seed, saturate, rbits)  # type: ignore[no-any-return]
+
+
+def _container(dtype_name: str, fmt: FloatFormat) -> tuple[int, FloatFormat | None]:
+    """(width of the working container, narrower storage format or None)."""
+    if dtype_name in _CONTAINERS:
+        return _CONTAINERS[dtype_name], None
+    narrow = _UPCAST.get(dtype_name)
+    if narrow is None:
+        raise TypeError(f"quantize: dtype {dtype_name} is not a floating-point container")
+    if not narrow.contains(fmt):
+        raise FormatError(
+            f"cannot hold {fmt.name} values in a {dtype_name} array without rounding twice; "
+            f"pass float32"
+        )
+    return 32, narrow
+
+
+def _quantize_numpy(x: Any, fmt: FloatFormat, mode: Rounding, seed: int | None,
+                    saturate: bool | None, rbits: int) -> Any:
+    if isinstance(x, float | int):
+        return float(_quantize_numpy(np.float64(x), fmt, mode, seed, saturate, rbits))
+    arr = np.asarray(x)
+    name = "bfloat16" if arr.dtype.name == "bfloat16" else arr.dtype.name
+    width, narrow = _container(name, fmt)
+    src = np.ascontiguousarray(arr, np.float32 if width == 32 else np.float64)
+    p = kernel_params(fmt, width, mode, seed, saturate, rbits)
+    out = np.empty_like(src)
+    if _kernels is not None:
+        _kernels.quantize(src, out, p.width, p.m, p.emin, p.esub, p.ftz, p.gap, p.overflow,
+                          p.mode, p.rbits, p.max_bits, p.inf_bits, p.maxsub_bits,
+                          p.minnorm_bits, p.nan_bits, p.key0, p.key1)
+    else:  # pragma: no cover
+        out = quantize_xp_numpy(src, p)
+    out = out.astype(arr.dtype) if narrow is not None else out
+    return out if isinstance(x, np.ndarray) else out[()]
+
+
+def quantize_xp_numpy(src: np.ndarray, p: KernelParams) -> np.ndarray:
+    """The array-namespace kernel on numpy (the C kernel's twin, for tests and fallback)."""
+    ops = _NumpyOps()
+    utype = np.uint32 if p.width == 32 else np.uint64
+    bits = src.view(utype).astype(np.int64) if p.width == 32 else src.view(np.int64)
+    idx = np.arange(src.size, dtype=np.int64).reshape(src.shape)
+    res = _kernel(ops, bits, idx, p)
+    if p.width == 32:
+        return np.asarray(res).astype(np.uint32).view(np.float32)
+    return np.asarray(res).astype(np.int64).view(np.float64)
+
+
+def _quantize_torch(x: Any, fmt: FloatFormat, mode: Rounding, seed: int | None,
+                    saturate: bool | None, rbits: int, native: bool = True) -> Any:
+    import torch
+
+    name = str(x.dtype).removeprefix("torch.")
+    width, narrow = _container(name, fmt)
+    src = x.detach().to(torch.float32 if width == 32 else torch.float64).contiguous()
+    p = kernel_params(fmt, width, mode, seed, saturate, rbits)
+    if native and _kernels is not None and src.device.type == "cpu":
+        out = torch.empty_like(src)
+        _kernels.quantize(src.numpy(), out.numpy(), p.width, p.m, p.emin, p.esub, p.ftz,
+                          p.gap, p.overflow, p.mode, p.rbits, p.max_bits, p.inf_bits,
+                          p.maxsub_bits, p.minnorm_bits, p.nan_bits, p.key0, p.key1)
+    else:
+        out = _torch_xp(src, p)
+    return out.to(x.dtype) if narrow is not None else out
+
+
+def _torch_xp(src: Any, p: KernelParams) -> Any:
+    import torch
+
+    if p.width == 32:
+        bits = src.view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+    else:
+        bits = src.view(torch.int64)
+    idx = torch.arange(src.numel(), dtype=torch.int64, device=src.device).reshape(src.shape)
+    res = _kernel(_TorchOps(), bits, idx, p)
+    if p.width == 32:
+        res = torch.where(res >= 1 << 31, res - (1 << 32), res)
+        return res.to(torch.int32).view(torch.float32)
+    return res.view(torch.float64)
+
+
+def _quantize_jax(x: Any, fmt: FloatFormat, mode: Rounding, seed: int | None,
+                  saturate: bool | None, rbits: int) -> Any:
+    name = str(x.dtype)
+    width, narrow = _container(name, fmt)
+    p = kernel_params(fmt, width, mode, seed, saturate, rbits)
+    return _jax_fn(p, narrow is not None)(x)
+
+
+@lru_cache(maxsize=1024)
+def _jax_fn(p: KernelParams, narrowed: bool) -> Any:
+    import jax
+    import jax.numpy as jnp
+    from jax import lax
+
+    ftype = jnp.float32 if p.width == 32 else jnp.float64
+    ops = _JaxOps(p.width)
+
+    @jax.jit
+    def fn(x: Any) -> Any:
+        src = x.astype(ftype)
+        bits = lax.bitcast_convert_type(src, ops.itype)
+        idx = lax.iota(jnp.int32, src.size).reshape(src.shape)
+        out = lax.bitcast_convert_type(_kernel(ops, bits, idx, p), ftype)
+        return out.astype(x.dtype) if narrowed else out
+
+    return fn
+
+
+
+def round_scalar(
+    x: float, fmt: FloatFormat | str, rounding: Rounding | str = Rounding.NEAREST, *,
+    u: float = 0.0, saturate: bool | None = None,
+) -> float:
+    """The definition of :func:`quantize` for one value, in exact arithmetic.
+
+    ``u`` in [0, 1) stands for the random draw of stochastic rounding: the result is the
+    larger neighbour iff ``u + (|x| - lo) / (hi - lo) >= 1``.
+    """
+    fmt = _formats.get(fmt)
+    mode = Rounding(rounding)
+    overflow = fmt.overflow if saturate is None else (
+        "saturate" if saturate else fmt.overflow if fmt.overflow != "saturate"
+        else ("inf" if fmt.inf else "nan"))
+    if math.isnan(x):
+        return math.nan
+    sign = math.copysign(1.0, x)
+    if math.isinf(x):
+        return {"inf": x, "saturate": sign * fmt.max, "nan": math.nan}[overflow]
+    if x == 0:
+        return x
+    lo, hi = fmt.neighbours(x)
+    a = abs(x)
+    if lo == hi:
+        v = lo
+    elif mode is Rounding.TOWARD_ZERO:
+        v = lo
+        if overflow == "inf":
+            overflow = "saturate"
+    elif mode is Rounding.NEAREST:
+        d_lo, d_hi = Fraction(a) - Fraction(lo), Fraction(hi) - Fraction(a)
+        if d_lo != d_hi:
+            v = lo if d_lo < d_hi else hi
+        else:
+            v = lo if fmt.is_even_value(lo) else hi
+    else:
+        frac = (Fraction(a) - Fraction(lo)) / (Fraction(hi) - Fraction(lo))
+        v = hi if Fraction(u) + frac >= 1 else lo
+    if v > fmt.max:
+        v = {"inf": math.inf, "saturate": fmt.max, "nan": math.nan}[overflow]
+    elif not fmt.subnormals and 0 < v < fmt.min_normal:
+        v = 0.0
+    return sign * v
