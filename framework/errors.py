@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
 
 class HwportError(Exception):
@@ -14,7 +15,29 @@ class FormatError(HwportError, ValueError):
 
 
 class SpecError(HwportError, ValueError):
-    """A backend spec (or spec file) has invalid fields; the message names each one."""
+    """A backend spec (or spec file) has invalid fields; the message names each one.
+
+    ``problems`` holds ``(field path, value, what is wrong)`` for each bad field.
+    """
+
+    def __init__(self, message: str, problems: Sequence[tuple[str, Any, str]] = ()) -> None:
+        super().__init__(message)
+        self.problems = list(problems)
+
+    @classmethod
+    def from_problems(
+        cls, problems: Sequence[tuple[str, Any, str]], where: str = "",
+        line_of: Callable[[str], int | None] | None = None,
+    ) -> SpecError:
+        """One error listing every problem, as ``where[:line]: field = value: why``."""
+        rows = []
+        for path, value, why in problems:
+            line = line_of(path) if line_of else None
+            loc = f"{where}:{line}" if where and line else where
+            shown = f"{path} = {value!r}" if value is not None else path
+            rows.append(f"{loc + ': ' if loc else ''}{shown}: {why}")
+        head = "invalid spec" if len(rows) == 1 else f"invalid spec ({len(rows)} problems)"
+        return cls(head + ":\n  " + "\n  ".join(rows), problems)
 
 
 class PluginError(HwportError):

@@ -1,0 +1,217 @@
+"""The plugin registry: built-in and third-party backends, found the same way.
+
+Plugins are modules named by entry points in the ``hwport`` group (hwport's own backends
+included). Loading never raises for a plugin's fault: a plugin that fails to import,
+implements a hook that does not exist, raises in a hook or returns bad data is recorded as a
+:class:`PluginFailure` with its name and the reason, and everything it contributed is
+dropped; the other plugins keep working.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata as md
+import traceback
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import pluggy
+
+from hwport import formats as _formats
+from hwport import hookspecs
+from hwport.errors import HwportError, UnknownNameError
+from hwport.formats import FloatFormat
+from hwport.spec import BackendSpec
+
+
+@dataclass(frozen=True)
+class PluginFailure:
+    """A plugin that was skipped, and why."""
+
+    plugin: str
+    origin: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class Backend:
+    """A registered backend: its spec and the plugin that provided it."""
+
+    spec: BackendSpec
+    plugin: str
+    origin: str
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+
+def _origin(ep: md.EntryPoint) -> str:
+    dist = ep.dist
+    return f"{dist.name} {dist.version}" if dist is not None else ep.value
+
+
+def _describe(e: BaseException) -> str:
+    frames = traceback.extract_tb(e.__traceback__)
+    where = f" ({frames[-1].filename}:{frames[-1].lineno})" if frames else ""
+    return f"{type(e).__name__}: {e}{where}"
+
+
+@dataclass
+class Registry:
+    """Backends and formats from plugins, plus failures; build one with :meth:`load`."""
+
+    pm: pluggy.PluginManager = field(default_factory=lambda: _manager())
+    backends: dict[str, Backend] = field(default_factory=dict)
+    failures: list[PluginFailure] = field(default_factory=list)
+    origins: dict[str, str] = field(default_factory=dict)
+    collected: set[str] = field(default_factory=set)
+
+    @classmethod
+    def load(cls, entry_points: Iterable[md.EntryPoint] | None = None) -> Registry:
+        """A registry of every plugin in the ``hwport`` entry-point group (or the given)."""
+        reg = cls()
+        eps = md.entry_points(group=hookspecs.PROJECT) if entry_points is None else entry_points
+        for ep in sorted(eps, key=lambda e: e.name):
+            try:
+                plugin = ep.load()
+            except KeyboardInterrupt:
+                raise
+            except BaseException as e:  # an import failure (even SystemExit) is the plugin's
+                reg.failures.append(PluginFailure(ep.name, _origin(ep), f"import failed: {_describe(e)}"))
+                continue
+            reg.add_plugin(plugin, ep.name, _origin(ep), collect=False)
+        reg.collect()
+        return reg
+
+    def add_plugin(self, plugin: object, name: str, origin: str, collect: bool = True) -> None:
+        """Register a plugin object or module; bad hook implementations are failures."""
+        try:
+            self.pm.register(plugin, name=name)
+        except (pluggy.PluginValidationError, ValueError) as e:
+            self.failures.append(PluginFailure(name, origin, f"invalid plugin: {e}"))
+            return
+        self.origins[name] = origin
+        if collect:
+            self.collect()
+
+    def collect(self) -> None:
+        """Call the registration hooks of every plugin not yet collected."""
+        self._check_pending()
+        for name, plugin in self._uncollected():
+            try:
+                fmts = self._call(plugin, "hwport_formats", FloatFormat)
+                specs = self._call(plugin, "hwport_backends", BackendSpec)
+                for spec in specs:
+                    if spec.name in self.backends:
+                        other = self.backends[spec.name].plugin
+                        raise HwportError(f"backend name {spec.name!r} is already provided by "
+                                          f"plugin {other!r}")
+            except Exception as e:  # noqa: BLE001 - report, skip, keep the host alive
+                self._fail(name, plugin, str(e) if isinstance(e, HwportError) else _describe(e))
+                continue
+            try:
+                for f in fmts:
+                    _formats.register(f)
+            except HwportError as e:
+                self._fail(name, plugin, str(e))
+                continue
+            for spec in specs:
+                self.backends[spec.name] = Backend(spec, name, self.origins[name])
+            self.collected.add(name)
+
+    def _uncollected(self) -> list[tuple[str, object]]:
+        return [(n, p) for n, p in self.pm.list_name_plugin()
+                if n not in self.collected and p is not None]
+
+    def _call(self, plugin: object, hook: str, kind: type) -> list[Any]:
+        impls = [i for i in getattr(self.pm.hook, hook).get_hookimpls() if i.plugin is plugin]
+        out: list[Any] = []
+        for impl in impls:
+            try:
+                result = impl.function()
+            except Exception as e:
+                raise HwportError(f"{hook}() raised {_describe(e)}") from e
+            if not isinstance(result, Sequence) or isinstance(result, str):
+                raise HwportError(f"{hook}() returned {type(result).__name__}, expected a list "
+                                  f"of {kind.__name__}")
+            for item in result:
+                if not isinstance(item, kind):
+                    raise HwportError(f"{hook}() returned a {type(item).__name__} ({item!r:.60}), "
+                                      f"expected {kind.__name__}")
+            out.extend(result)
+        return out
+
+    def _check_pending(self) -> None:
+        while True:
+            try:
+                self.pm.check_pending()
+                return
+            except pluggy.PluginValidationError as e:
+                name = self.pm.get_name(e.plugin) or repr(e.plugin)
+                self._fail(name, e.plugin, f"implements an unknown hook: {e}")
+
+    def _fail(self, name: str, plugin: object, reason: str) -> None:
+        self.failures.append(PluginFailure(name, self.origins.get(name, "?"), reason))
+        if self.pm.is_registered(plugin):
+            self.pm.unregister(plugin)
+
+    # -- lookups ------------------------------------------------------------------------
+    def get(self, name: str) -> Backend:
+        """The backend called ``name``; an unknown name lists the known ones."""
+        backend = self.backends.get(name)
+        if backend is not None:
+            return backend
+        hint = "; ".join(f"plugin {f.plugin!r} ({f.origin}) failed: {f.reason}"
+                         for f in self.failures if f.plugin == name)
+        raise UnknownNameError("backend", name, self.backends, hint)
+
+    def register(self, spec: BackendSpec, plugin: str = "python") -> None:
+        """Add a spec built in Python (for example a ``dataclasses.replace`` variant)."""
+        if not isinstance(spec, BackendSpec):
+            raise TypeError(f"register() takes a BackendSpec, not {type(spec).__name__}")
+        if spec.name in self.backends:
+            raise HwportError(f"backend name {spec.name!r} is already provided by plugin "
+                              f"{self.backends[spec.name].plugin!r}")
+        self.backends[spec.name] = Backend(spec, plugin, "registered at run time")
+
+
+def _manager() -> pluggy.PluginManager:
+    pm = pluggy.PluginManager(hookspecs.PROJECT)
+    pm.add_hookspecs(hookspecs)
+    return pm
+
+
+_default: Registry | None = None
+
+
+def registry(reload: bool = False) -> Registry:
+    """The process-wide registry, loaded from entry points on first use."""
+    global _default
+    if _default is None or reload:
+        _default = Registry.load()
+    return _default
+
+
+def list_backends() -> list[BackendSpec]:
+    """Specs of every registered backend, by name."""
+    return [b.spec for _, b in sorted(registry().backends.items())]
+
+
+def get_backend(name: str) -> BackendSpec:
+    """The spec of the backend called ``name``."""
+    return registry().get(name).spec
+
+
+def register_backend(spec: BackendSpec) -> None:
+    """Make ``spec`` available by name in this process, next to the plugins' backends."""
+    registry().register(spec)
+
+
+def plugin_failures() -> list[PluginFailure]:
+    """Plugins that were skipped, with the reason."""
+    return list(registry().failures)
+
+
+__all__ = ["Backend", "PluginFailure", "Registry", "get_backend", "list_backends",
+           "plugin_failures", "register_backend", "registry"]
