@@ -8,7 +8,14 @@ of HBM and up to 1.5 TB of DDR. INT8/INT32 compute exists but is not modelled he
 from __future__ import annotations
 
 from hwport import hookimpl
-from hwport.spec import BackendSpec, Compute, Interconnect, MemoryHierarchy, MemoryTier, PrecisionSemantics
+from hwport.spec import (
+    BackendSpec,
+    Compute,
+    Interconnect,
+    MemoryHierarchy,
+    MemoryTier,
+    PrecisionSemantics,
+)
 
 HC24 = "Prabhakar et al., SambaNova SN40L, Hot Chips 2024"
 PAPER = "SambaNova SN40L: Scaling the AI Memory Wall with Dataflow and Composition of Experts, arXiv 2405.07518"

@@ -9,7 +9,14 @@ overflow clamps). Rounding is to nearest or stochastic. Memory is 1.25 MB of SRA
 from __future__ import annotations
 
 from hwport import hookimpl
-from hwport.spec import BackendSpec, Compute, Interconnect, MemoryHierarchy, MemoryTier, PrecisionSemantics
+from hwport.spec import (
+    BackendSpec,
+    Compute,
+    Interconnect,
+    MemoryHierarchy,
+    MemoryTier,
+    PrecisionSemantics,
+)
 
 HC34 = "Talpes et al., DOJO: The Microarchitecture of Tesla's Exa-Scale Computer, Hot Chips 34 (2022)"
 AIDAY = "Tesla AI Day 2021 and 2022 presentations (D1 chip, training tile, DIP)"

@@ -9,7 +9,14 @@ from __future__ import annotations
 import math
 
 from hwport import hookimpl
-from hwport.spec import BackendSpec, Compute, Interconnect, MemoryHierarchy, MemoryTier, PrecisionSemantics
+from hwport.spec import (
+    BackendSpec,
+    Compute,
+    Interconnect,
+    MemoryHierarchy,
+    MemoryTier,
+    PrecisionSemantics,
+)
 
 IDEAL = "ideal machine: the reference judges numerics and models no hardware"
 

@@ -10,7 +10,14 @@ conversion instruction (cvt.rn.satfinite), not of the format.
 from __future__ import annotations
 
 from hwport import FloatFormat, hookimpl
-from hwport.spec import BackendSpec, Compute, Interconnect, MemoryHierarchy, MemoryTier, PrecisionSemantics
+from hwport.spec import (
+    BackendSpec,
+    Compute,
+    Interconnect,
+    MemoryHierarchy,
+    MemoryTier,
+    PrecisionSemantics,
+)
 
 DATASHEET = "NVIDIA H100 Tensor Core GPU datasheet (2022), SXM5 column"
 TUNING = "NVIDIA Hopper Tuning Guide (2022)"

@@ -15,6 +15,7 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 import hwport
@@ -29,14 +30,14 @@ app = typer.Typer(
     no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
 )
 out = Console(soft_wrap=False)
-err = Console(stderr=True)
+err = Console(stderr=True, soft_wrap=True)
 F = TypeVar("F", bound=Callable[..., Any])
 
 JsonFlag = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")]
 
 
 def _fail(message: str) -> typer.Exit:
-    err.print(f"[bold red]error:[/] {message}", highlight=False, markup=True)
+    err.print(f"[bold red]error:[/] {escape(message)}", highlight=False)
     return typer.Exit(1)
 
 
@@ -64,9 +65,9 @@ def seconds(value: float) -> str:
 
 def _version(value: bool) -> None:
     if value:
-        from hwport import rounding
+        from hwport.rounding import NATIVE_KERNEL
 
-        kernel = "native C" if rounding._kernels is not None else "numpy (C kernel not built)"
+        kernel = "native C" if NATIVE_KERNEL else "numpy (C kernel not built)"
         out.print(f"hwport {hwport.__version__} (rounding kernel: {kernel})", highlight=False)
         raise typer.Exit()
 
@@ -86,8 +87,8 @@ def _backend_row(b: plugins.Backend) -> list[str]:
     peaks = "\n".join(f"{k} {si(v, 'FLOP/s')}" for k, v in spec.compute.peak_flops.items())
     net = f"{ic.topology} x{ic.devices}" + (f" ({ic.shape[0]}x{ic.shape[1]})" if ic.shape else "")
     net += f"\n{si(ic.link_bandwidth * ic.links, 'B/s')}/dir"
-    return [spec.name, ", ".join(spec.precision.formats), tiers, net, peaks,
-            f"{b.plugin}\n[dim]{b.origin}[/]"]
+    return [spec.name, ", ".join(spec.precision.formats), escape(tiers), net, escape(peaks),
+            f"{escape(b.plugin)}\n[dim]{escape(b.origin)}[/]"]
 
 
 @app.command()
@@ -105,12 +106,12 @@ def backends(as_json: JsonFlag = False) -> None:
             table.add_row(*_backend_row(b))
         out.print(table)
     for f in reg.failures:
-        err.print(f"[yellow]plugin {f.plugin!r} ({f.origin}) failed and was skipped:[/] "
-                  f"{f.reason}", highlight=False)
+        err.print(f"[yellow]plugin {escape(repr(f.plugin))} ({escape(f.origin)}) failed and was "
+                  f"skipped:[/] {escape(f.reason)}", highlight=False)
 
 
 def _spec_table(spec: BackendSpec) -> Table:
-    table = Table(title=f"{spec.name}: {spec.description}", show_lines=False, title_justify="left")
+    table = Table(title=f"{spec.name}: {escape(spec.description)}", title_justify="left")
     for col in ("figure", "value", "provenance"):
         table.add_column(col, overflow="fold")
     plain = spec.to_dict()
@@ -123,8 +124,9 @@ def _spec_table(spec: BackendSpec) -> Table:
                 value = value[part]
         prov = spec.provenance(fig)
         where = ("[red]unsourced[/]" if prov is None else
-                 f"[yellow]assumption:[/] {prov[1]}" if prov[0] == "assumption" else prov[1])
-        table.add_row(fig, _show_value(fig, value), where)
+                 f"[yellow]assumption:[/] {escape(prov[1])}" if prov[0] == "assumption"
+                 else escape(prov[1]))
+        table.add_row(fig, escape(_show_value(fig, value)), where)
     return table
 
 
@@ -165,7 +167,7 @@ def show(
     missing = spec.unsourced()
     if missing:
         err.print(f"[yellow]{len(missing)} figure(s) without a source or assumption:[/] "
-                  + ", ".join(missing), highlight=False)
+                  + escape(", ".join(missing)), highlight=False)
 
 
 @app.command()
@@ -178,11 +180,12 @@ def validate(
         try:
             spec = hwport.load_spec(path)
         except HwportError as e:
-            err.print(f"[red]{path}: invalid[/]\n{e}", highlight=False, markup=True)
+            err.print(f"[red]{escape(str(path))}: invalid[/]\n{escape(str(e))}", highlight=False)
             failed += 1
             continue
         note = f" ({len(spec.unsourced())} figure(s) without a source)" if spec.unsourced() else ""
-        out.print(f"[green]{path}: ok[/] backend {spec.name!r}{note}", highlight=False)
+        out.print(f"[green]{escape(str(path))}: ok[/] backend {spec.name!r}{note}",
+                  highlight=False)
     if failed:
         raise typer.Exit(1)
 
@@ -195,10 +198,12 @@ def formats_cmd(as_json: JsonFlag = False) -> None:
     if as_json:
         _json([f.to_dict() for f in fmts])
         return
-    table = Table(title="hwport formats (plus cfp8_143_b<N>, cfp8_152_b<N>, cfp16_shp_b<N>, N=0..63)")
+    table = Table(title="hwport formats (and the families cfp8_143_b<N>, cfp8_152_b<N>, "
+                        "cfp16_shp_b<N> for N in 0..63)")
     for col in ("name", "bits", "e", "m", "bias", "max", "min normal", "min subnormal",
                 "epsilon", "inf/NaN", "overflow"):
-        table.add_column(col, justify="right" if col not in ("name", "inf/NaN", "overflow") else "left")
+        text = col in ("name", "inf/NaN", "overflow")
+        table.add_column(col, justify="left" if text else "right")
     for f in fmts:
         special = ("inf+NaN" if f.inf else "NaN only" if f.has_nan else "none")
         table.add_row(f.name, str(f.bits), str(f.exponent_bits), str(f.mantissa_bits),
@@ -212,7 +217,7 @@ def main() -> None:
     try:
         app()
     except HwportError as e:
-        err.print(f"[bold red]error:[/] {e}", highlight=False)
+        err.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False)
         raise SystemExit(1) from None
 
 

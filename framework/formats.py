@@ -81,7 +81,7 @@ class FloatFormat:
             problems.append("overflow='nan' on a format without NaN")
         if problems:
             raise FormatError(f"format {self.name!r}: " + "; ".join(problems))
-        if not (-126 <= self.min_exponent and self.max_exponent <= 127):
+        if not (self.min_exponent >= -126 and self.max_exponent <= 127):
             raise FormatError(
                 f"format {self.name!r}: bias={self.bias} puts the exponent range "
                 f"[{self.min_exponent}, {self.max_exponent}] outside fp32's [-126, 127]"
@@ -229,7 +229,7 @@ class FloatFormat:
         if v < self.min_normal:
             q = math.ldexp(1.0, self.subnormal_base_exponent - m)
             return int(v / q) % 2 == 0
-        mant, e = math.frexp(v)  # v = mant * 2**e, mant in [0.5, 1)
+        mant, _ = math.frexp(v)  # v = mant * 2**e, mant in [0.5, 1)
         return int(math.ldexp(mant, m + 1)) % 2 == 0
 
     def __str__(self) -> str:
@@ -308,12 +308,19 @@ _FAMILIES: tuple[tuple[re.Pattern[str], Callable[[re.Match[str]], FloatFormat]],
 _registered: dict[str, FloatFormat] = {f.name: f for f in BUILTIN}
 
 
-def register(fmt: FloatFormat) -> None:
-    """Make ``fmt`` known by name; a different format under a taken name is an error."""
+def register(fmt: FloatFormat) -> bool:
+    """Make ``fmt`` known by name; True if the name is new.
+
+    Registering an equal format again is a no-op; a different format under a taken name is
+    an error.
+    """
     old = _registered.get(fmt.name)
-    if old is not None and old != fmt:
-        raise FormatError(f"format name {fmt.name!r} is already taken by a different format")
+    if old is not None:
+        if old != fmt:
+            raise FormatError(f"format name {fmt.name!r} is already taken by a different format")
+        return False
     _registered[fmt.name] = fmt
+    return True
 
 
 def unregister(name: str) -> None:
@@ -334,9 +341,8 @@ def get(name: str | FloatFormat) -> FloatFormat:
         mt = pattern.match(name)
         if mt:
             return make(mt)
-    raise UnknownNameError("format", name, sorted(_registered) + ["cfp8_143_b<0..63>",
-                                                                   "cfp8_152_b<0..63>",
-                                                                   "cfp16_shp_b<0..63>"])
+    families = ["cfp8_143_b<0..63>", "cfp8_152_b<0..63>", "cfp16_shp_b<0..63>"]
+    raise UnknownNameError("format", name, [*_registered, *families])
 
 
 def known() -> Iterator[FloatFormat]:

@@ -72,13 +72,18 @@ class Registry:
         """A registry of every plugin in the ``hwport`` entry-point group (or the given)."""
         reg = cls()
         eps = md.entry_points(group=hookspecs.PROJECT) if entry_points is None else entry_points
-        for ep in sorted(eps, key=lambda e: e.name):
+        # hwport's own backends first, so that no plugin can take a built-in backend's name
+        def order(ep: md.EntryPoint) -> tuple[bool, str]:
+            return (ep.dist is None or ep.dist.name != "hwport", ep.name)
+
+        for ep in sorted(eps, key=order):
             try:
                 plugin = ep.load()
             except KeyboardInterrupt:
                 raise
             except BaseException as e:  # an import failure (even SystemExit) is the plugin's
-                reg.failures.append(PluginFailure(ep.name, _origin(ep), f"import failed: {_describe(e)}"))
+                reason = f"import failed: {_describe(e)}"
+                reg.failures.append(PluginFailure(ep.name, _origin(ep), reason))
                 continue
             reg.add_plugin(plugin, ep.name, _origin(ep), collect=False)
         reg.collect()
@@ -96,25 +101,34 @@ class Registry:
             self.collect()
 
     def collect(self) -> None:
-        """Call the registration hooks of every plugin not yet collected."""
+        """Call the registration hooks of every plugin not yet collected.
+
+        Formats of all plugins are registered before any backend is asked for, so a spec
+        may use a format that a plugin provides.
+        """
         self._check_pending()
-        for name, plugin in self._uncollected():
+        pending = self._uncollected()
+        added: dict[str, list[str]] = {}  # format names each plugin made known
+        for name, plugin in pending:
+            added[name] = []
             try:
-                fmts = self._call(plugin, "hwport_formats", FloatFormat)
+                for f in self._call(plugin, "hwport_formats", FloatFormat):
+                    if _formats.register(f):
+                        added[name].append(f.name)
+            except HwportError as e:
+                self._fail(name, plugin, str(e), added.pop(name))
+        for name, plugin in pending:
+            if name not in added:
+                continue
+            try:
                 specs = self._call(plugin, "hwport_backends", BackendSpec)
                 for spec in specs:
                     if spec.name in self.backends:
                         other = self.backends[spec.name].plugin
                         raise HwportError(f"backend name {spec.name!r} is already provided by "
                                           f"plugin {other!r}")
-            except Exception as e:  # noqa: BLE001 - report, skip, keep the host alive
-                self._fail(name, plugin, str(e) if isinstance(e, HwportError) else _describe(e))
-                continue
-            try:
-                for f in fmts:
-                    _formats.register(f)
             except HwportError as e:
-                self._fail(name, plugin, str(e))
+                self._fail(name, plugin, str(e), added[name])
                 continue
             for spec in specs:
                 self.backends[spec.name] = Backend(spec, name, self.origins[name])
@@ -130,7 +144,7 @@ class Registry:
         for impl in impls:
             try:
                 result = impl.function()
-            except Exception as e:
+            except Exception as e:  # any exception is the plugin's: report it, keep going
                 raise HwportError(f"{hook}() raised {_describe(e)}") from e
             if not isinstance(result, Sequence) or isinstance(result, str):
                 raise HwportError(f"{hook}() returned {type(result).__name__}, expected a list "
@@ -151,8 +165,10 @@ class Registry:
                 name = self.pm.get_name(e.plugin) or repr(e.plugin)
                 self._fail(name, e.plugin, f"implements an unknown hook: {e}")
 
-    def _fail(self, name: str, plugin: object, reason: str) -> None:
+    def _fail(self, name: str, plugin: object, reason: str, formats: Sequence[str] = ()) -> None:
         self.failures.append(PluginFailure(name, self.origins.get(name, "?"), reason))
+        for fmt_name in formats:  # what a failed plugin contributed goes with it
+            _formats.unregister(fmt_name)
         if self.pm.is_registered(plugin):
             self.pm.unregister(plugin)
 

@@ -29,7 +29,7 @@ import sys
 from dataclasses import dataclass
 from fractions import Fraction
 from functools import lru_cache
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import numpy as np
 
@@ -41,6 +41,8 @@ try:
     from hwport import _kernels  # type: ignore[attr-defined]
 except ImportError:  # pragma: no cover - a build without the C extension
     _kernels = None
+
+NATIVE_KERNEL = _kernels is not None  # whether numpy and CPU torch use the C kernel
 
 A = TypeVar("A")
 
@@ -384,7 +386,8 @@ def _array_kind(x: object) -> str:
     if jax is not None and isinstance(x, jax.Array):
         return "jax"
     raise TypeError(
-        f"quantize: expected a numpy array, torch tensor, jax array or float, got {type(x).__name__}"
+        "quantize: expected a numpy array, torch tensor, jax array or float, "
+        f"got {type(x).__name__}"
     )
 
 
@@ -406,12 +409,8 @@ def quantize(
         raise ValueError("stochastic rounding needs a seed (an int) to be reproducible")
     if not 1 <= rbits <= MAX_RBITS:
         raise ValueError(f"rbits={rbits}: must be 1..{MAX_RBITS}")
-    kind = _array_kind(x)
-    if kind == "numpy":
-        return _quantize_numpy(x, fmt, mode, seed, saturate, rbits)  # type: ignore[return-value]
-    if kind == "torch":
-        return _quantize_torch(x, fmt, mode, seed, saturate, rbits)  # type: ignore[no-any-return]
-    return _quantize_jax(x, fmt, mode, seed, saturate, rbits)  # type: ignore[no-any-return]
+    impl = {"numpy": _quantize_numpy, "torch": _quantize_torch, "jax": _quantize_jax}
+    return cast(A, impl[_array_kind(x)](x, fmt, mode, seed, saturate, rbits))
 
 
 def _container(dtype_name: str, fmt: FloatFormat) -> tuple[int, FloatFormat | None]:

@@ -20,7 +20,7 @@ import fnmatch
 import math
 import re
 import tomllib
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from types import MappingProxyType
@@ -72,8 +72,22 @@ def _known_format(name: str, own: Mapping[str, FloatFormat]) -> bool:
     return True
 
 
-def _frozen_map(d: Mapping[str, Any]) -> Mapping[str, Any]:
-    return MappingProxyType(dict(d))
+def _seq(obj: Any, name: str, p: list[Problem]) -> None:
+    """Normalise the list field ``name`` of a frozen dataclass to a tuple."""
+    v = getattr(obj, name)
+    if isinstance(v, str | bytes) or not isinstance(v, Sequence):
+        p.append((name, v, "must be a list"))
+        v = ()
+    object.__setattr__(obj, name, tuple(v))
+
+
+def _map(obj: Any, name: str, p: list[Problem]) -> None:
+    """Normalise the table field ``name`` of a frozen dataclass to a read-only mapping."""
+    v = getattr(obj, name)
+    if not isinstance(v, Mapping):
+        p.append((name, v, "must be a table (key = value pairs)"))
+        v = {}
+    object.__setattr__(obj, name, MappingProxyType(dict(v)))
 
 
 @dataclass(frozen=True, eq=True)
@@ -100,10 +114,11 @@ class PrecisionSemantics:
     features: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
-        for name in ("formats", "matmul_inputs", "elementwise", "rounding", "features"):
-            object.__setattr__(self, name, tuple(getattr(self, name)))
-        object.__setattr__(self, "accumulators", _frozen_map(self.accumulators))
         p: list[Problem] = []
+        for name in ("formats", "matmul_inputs", "elementwise", "rounding", "features"):
+            _seq(self, name, p)
+        _map(self, "accumulators", p)
+        _fail(p)  # shapes first: the checks below assume them
         if not self.formats:
             p.append(("formats", self.formats, "must list at least one format"))
         for group in ("matmul_inputs", "elementwise"):
@@ -185,8 +200,9 @@ class MemoryHierarchy:
     tiers: tuple[MemoryTier, ...]
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "tiers", tuple(self.tiers))
         p: list[Problem] = []
+        _seq(self, "tiers", p)
+        _fail(p)  # shapes first: the checks below assume them
         if not self.tiers:
             p.append(("tiers", (), "must list at least one tier"))
         names = [t.name for t in self.tiers]
@@ -230,10 +246,17 @@ class Interconnect:
     scale_out_latency: float = 0.0
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "shape", tuple(self.shape))
-        object.__setattr__(self, "collectives",
-                           _frozen_map({k: tuple(v) for k, v in dict(self.collectives).items()}))
         p: list[Problem] = []
+        _seq(self, "shape", p)
+        _map(self, "collectives", p)
+        algos_by_op = {}
+        for op, algos in self.collectives.items():
+            if isinstance(algos, str) or not isinstance(algos, Sequence):
+                p.append((f"collectives.{op}", algos, "must be a list of algorithms"))
+                algos = ()
+            algos_by_op[op] = tuple(algos)
+        object.__setattr__(self, "collectives", MappingProxyType(algos_by_op))
+        _fail(p)  # shapes first: the checks below assume them
         if self.topology not in get_args(Topology):
             p.append(("topology", self.topology, f"must be one of {list(get_args(Topology))}"))
         _positive(p, "devices", self.devices, integer=True)
@@ -242,18 +265,19 @@ class Interconnect:
         _positive(p, "links", self.links, integer=True)
         _positive(p, "scale_out_bandwidth", self.scale_out_bandwidth, zero=True)
         _positive(p, "scale_out_latency", self.scale_out_latency, zero=True)
-        if self.topology in ("mesh2d", "torus2d"):
-            if len(self.shape) != 2 or math.prod(self.shape) != self.devices:
-                p.append(("shape", list(self.shape),
-                          f"a {self.topology} needs two dimensions whose product is devices "
-                          f"({self.devices})"))
+        if self.topology in ("mesh2d", "torus2d") and (
+                len(self.shape) != 2 or math.prod(self.shape) != self.devices):
+            p.append(("shape", list(self.shape),
+                      f"a {self.topology} needs two dimensions whose product is devices "
+                      f"({self.devices})"))
         for op, algos in self.collectives.items():
             if op not in COLLECTIVES:
                 p.append((f"collectives.{op}", list(algos),
                           f"unknown collective; known: {list(COLLECTIVES)}"))
             for a in algos:
                 if a not in ALGORITHMS:
-                    p.append((f"collectives.{op}", a, f"unknown algorithm; known: {list(ALGORITHMS)}"))
+                    p.append((f"collectives.{op}", a,
+                              f"unknown algorithm; known: {list(ALGORITHMS)}"))
             if not algos:
                 p.append((f"collectives.{op}", [], "must list at least one algorithm"))
         if "mesh2d" in sum(self.collectives.values(), ()) and self.topology not in (
@@ -269,8 +293,9 @@ class Compute:
     peak_flops: Mapping[str, float]
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "peak_flops", _frozen_map(self.peak_flops))
         p: list[Problem] = []
+        _map(self, "peak_flops", p)
+        _fail(p)  # shapes first: the checks below assume them
         if not self.peak_flops:
             p.append(("peak_flops", {}, "must give at least one format's peak"))
         for k, v in self.peak_flops.items():
@@ -298,10 +323,11 @@ class BackendSpec:
     formats: tuple[FloatFormat, ...] = ()
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "sources", _frozen_map(self.sources))
-        object.__setattr__(self, "assumptions", _frozen_map(self.assumptions))
-        object.__setattr__(self, "formats", tuple(self.formats))
         p: list[Problem] = []
+        _map(self, "sources", p)
+        _map(self, "assumptions", p)
+        _seq(self, "formats", p)
+        _fail(p, self._where())  # shapes first: the checks below assume them
         if not isinstance(self.name, str) or not _NAME.match(self.name):
             p.append(("name", self.name, f"must match {_NAME.pattern}"))
         parts = (("precision", PrecisionSemantics), ("memory", MemoryHierarchy),
@@ -385,7 +411,8 @@ class BackendSpec:
     # -- serialisation ------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         """The spec as plain data (the TOML schema); ``from_dict`` inverts it."""
-        return _plain(self)
+        plain: dict[str, Any] = _plain(self)
+        return plain
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], where: str = "") -> BackendSpec:
@@ -468,11 +495,15 @@ def _construct(cls: Any, data: Any, path: str, problems: list[Problem]) -> Any:
             continue
         kind = _KINDS.get((cls.__name__, k))
         if cls is Compute and k == "peak_flops" and isinstance(v, Mapping):
-            try:
-                v = {fk: parse_quantity(fv, "flops") for fk, fv in v.items()}
-            except ValueError as e:
-                problems.append((prefix + k, v, str(e)))
+            peaks = {}
+            for fk, fv in v.items():
+                try:
+                    peaks[fk] = parse_quantity(fv, "flops")
+                except ValueError as e:
+                    problems.append((f"{prefix}{k}.{fk}", fv, str(e)))
+            if len(peaks) < len(v):
                 continue
+            v = peaks
         elif kind is not None:
             try:
                 v = parse_quantity(v, kind)
@@ -501,7 +532,8 @@ def _build(data: Mapping[str, Any], where: str) -> BackendSpec:
         raise SpecError.from_problems([("", data, "a spec must be a table")], where)
     parts: dict[str, Any] = dict(data)
     precision = _construct(PrecisionSemantics, data.get("precision", {}), "precision", problems)
-    tiers_data = data.get("memory", {}).get("tiers") if isinstance(data.get("memory"), Mapping) else None
+    mem = data.get("memory")
+    tiers_data = mem.get("tiers") if isinstance(mem, Mapping) else None
     memory = None
     if not isinstance(tiers_data, list):
         problems.append(("memory.tiers", tiers_data, "must be a list of tiers ([[memory.tiers]])"))
@@ -514,8 +546,11 @@ def _build(data: Mapping[str, Any], where: str) -> BackendSpec:
             memory = _construct(MemoryHierarchy, {"tiers": tiers}, "memory", problems)
     interconnect = _construct(Interconnect, data.get("interconnect", {}), "interconnect", problems)
     compute = _construct(Compute, data.get("compute", {}), "compute", problems)
-    own = [_construct(FloatFormat, f, f"formats[{i}]", problems)
-           for i, f in enumerate(data.get("formats", []))]
+    own_data = data.get("formats", [])
+    if not isinstance(own_data, list):
+        problems.append(("formats", own_data, "must be a list of formats ([[formats]])"))
+        own_data = []
+    own = [_construct(FloatFormat, f, f"formats[{i}]", problems) for i, f in enumerate(own_data)]
     known = {f.name for f in fields(BackendSpec)}
     problems.extend((k, v, f"unknown field; a spec has {sorted(known)}")
                     for k, v in data.items() if k not in known)
