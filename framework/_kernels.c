@@ -23,6 +23,10 @@
 #include <math.h>
 
 typedef struct {
+    uint64_t overflow, underflow, nonfinite;  /* finite -> beyond max; nonzero -> 0; inf/NaN in */
+} counts_t;
+
+typedef struct {
     int m, emin, esub, ftz, gap, overflow, mode, rbits;
     uint64_t max_bits, inf_bits, maxsub_bits, minnorm_bits, nan_bits;
     uint32_t key0, key1;
@@ -44,7 +48,12 @@ static inline uint64_t random_bits(const params_t *p, uint64_t i) {
 static inline __attribute__((always_inline)) uint64_t
 round_up(const params_t *p, const int mode, uint64_t v, int s, uint64_t i) {
     if (s <= 0) return 0;
-    if (s > 62) s = 62;
+    if (s > 62) {  /* every bit of v (< 2**54) is dropped; only stochastic can round up */
+        if (mode != MODE_STOCHASTIC) return 0;
+        int shift = s - p->rbits;
+        uint64_t frac = shift >= 64 ? 0 : v >> shift;
+        return (random_bits(p, i) + frac) >> p->rbits;
+    }
     uint64_t dropped = v & ((1ULL << s) - 1);
     if (mode == MODE_NEAREST)
         return (dropped + ((1ULL << (s - 1)) - 1) + ((v >> s) & 1)) >> s;
@@ -96,15 +105,17 @@ DEFINE_GAP(k64, uint64_t, double, 52, 1023, ldexp, 0)
  * inlined once per rounding mode so that the mode's test leaves the loop. */
 #define DEFINE_KERNEL(NAME, UINT, CM, CB)                                                   \
 static inline __attribute__((always_inline)) UINT                                           \
-NAME##_one(UINT u, uint64_t i, const params_t *p, const int mode) {                         \
+NAME##_one(UINT u, uint64_t i, const params_t *p, const int mode, counts_t *c) {            \
     const UINT signbit = (UINT)1 << (sizeof(UINT) * 8 - 1);                                 \
     const UINT infpat = (UINT)(((UINT)1 << (sizeof(UINT) * 8 - 1 - CM)) - 1) << CM;         \
     const UINT implicit = (UINT)1 << CM;                                                    \
     const UINT emin_pat = (UINT)(p->emin + CB) << CM;                                       \
     const int s_norm = CM - p->m;                                                           \
     UINT sign = u & signbit, a = u & ~signbit, res;                                         \
-    if (a >= infpat)                                                                        \
+    if (a >= infpat) {                                                                      \
+        c->nonfinite++;                                                                     \
         return a > infpat ? (u | ((UINT)1 << (CM - 1))) : (sign | (UINT)p->inf_bits);      \
+    }                                                                                       \
     if (a >= emin_pat) {                                                                    \
         res = (UINT)((a >> s_norm << s_norm) + (round_up(p, mode, a, s_norm, i) << s_norm)); \
     } else if (a == 0) {                                                                    \
@@ -119,11 +130,14 @@ NAME##_one(UINT u, uint64_t i, const params_t *p, const int mode) {             
         uint64_t k = (s > 62 ? 0 : sig >> s) + round_up(p, mode, sig, s, i);                 \
         res = k == 0 ? 0 : from_quanta_##NAME(k, p);                                        \
     }                                                                                       \
-    if (res > (UINT)p->max_bits)                                                            \
+    if (res > (UINT)p->max_bits) {                                                          \
+        c->overflow++;                                                                      \
         res = p->overflow == 0 ? infpat                                                     \
             : p->overflow == 1 ? (UINT)p->max_bits : (UINT)p->nan_bits;                     \
-    else if (p->ftz && res < (UINT)p->minnorm_bits)                                         \
+    } else if (p->ftz && res < (UINT)p->minnorm_bits) {                                     \
         res = 0;                                                                            \
+    }                                                                                       \
+    c->underflow += res == 0;                                                               \
     return sign | res;                                                                      \
 }                                                                                           \
 /* the fast formula: exact for zeros and normal-range results up to max */              \
@@ -138,8 +152,8 @@ NAME##_fast(UINT a, uint32_t idx, int s, int R, UINT mask, UINT half1, uint32_t 
     return (UINT)((a & ~mask) + (((r + frac) >> R) << s));                                  \
 }                                                                                           \
 static inline __attribute__((always_inline)) void                                           \
-NAME##_block(const UINT *restrict src, UINT *restrict dst, Py_ssize_t n, uint64_t base,     \
-             const params_t *p, const int mode) {                                           \
+NAME##_block(const UINT *src, UINT *restrict dst, Py_ssize_t n, uint64_t base,              \
+             const params_t *p, const int mode, counts_t *c) {                              \
     const UINT signbit = (UINT)1 << (sizeof(UINT) * 8 - 1);                                 \
     const UINT emin_pat = (UINT)(p->emin + CB) << CM;                                       \
     const int s = CM - p->m, R = p->rbits;                                                  \
@@ -148,8 +162,10 @@ NAME##_block(const UINT *restrict src, UINT *restrict dst, Py_ssize_t n, uint64_
     const uint32_t k0 = p->key0, k1 = p->key1, base32 = (uint32_t)base;                     \
     unsigned char special[BLOCK];                                                           \
     unsigned char bad = 0;                                                                  \
+    UINT orig[BLOCK]; /* the input, so that dst may be src (rounding in place) */           \
+    memcpy(orig, src, (size_t)n * sizeof(UINT));                                            \
     for (Py_ssize_t j = 0; j < n; j++) {                                                    \
-        UINT u = src[j], a = u & ~signbit;                                                  \
+        UINT u = orig[j], a = u & ~signbit;                                                 \
         UINT res = NAME##_fast(a, base32 + (uint32_t)j, s, R, mask, half1, k0, k1, mode);   \
         unsigned char sp = ((UINT)(a - 1) < (UINT)(emin_pat - 1)) | (a > maxb) | (res > maxb); \
         special[j] = sp;                                                                    \
@@ -158,18 +174,19 @@ NAME##_block(const UINT *restrict src, UINT *restrict dst, Py_ssize_t n, uint64_
     }                                                                                       \
     if (!bad) return;                                                                       \
     for (Py_ssize_t j = 0; j < n; j++)                                                      \
-        if (special[j]) dst[j] = NAME##_one(src[j], base + j, p, mode);                     \
+        if (special[j]) dst[j] = NAME##_one(orig[j], base + j, p, mode, c);                 \
 }                                                                                           \
-TARGETS static void NAME(const UINT *src, UINT *dst, Py_ssize_t n, const params_t *p) {             \
+TARGETS static void NAME(const UINT *src, UINT *dst, Py_ssize_t n, const params_t *p,       \
+                         counts_t *c) {                                                     \
     const params_t local = *p;                                                              \
     for (Py_ssize_t b = 0; b < n; b += BLOCK) {                                             \
         Py_ssize_t len = n - b < BLOCK ? n - b : BLOCK;                                     \
         if (local.mode == MODE_NEAREST)                                                     \
-            NAME##_block(src + b, dst + b, len, (uint64_t)b, &local, MODE_NEAREST);         \
+            NAME##_block(src + b, dst + b, len, (uint64_t)b, &local, MODE_NEAREST, c);         \
         else if (local.mode == MODE_STOCHASTIC)                                             \
-            NAME##_block(src + b, dst + b, len, (uint64_t)b, &local, MODE_STOCHASTIC);      \
+            NAME##_block(src + b, dst + b, len, (uint64_t)b, &local, MODE_STOCHASTIC, c);      \
         else                                                                                \
-            NAME##_block(src + b, dst + b, len, (uint64_t)b, &local, MODE_TOWARD_ZERO);     \
+            NAME##_block(src + b, dst + b, len, (uint64_t)b, &local, MODE_TOWARD_ZERO, c);     \
     }                                                                                       \
 }
 
@@ -201,16 +218,20 @@ static PyObject *quantize(PyObject *self, PyObject *args) {
         return NULL;
     }
     Py_ssize_t n = src.len / (width / 8);
+    counts_t c = {0, 0, 0};
     Py_BEGIN_ALLOW_THREADS
-    if (width == 32) k32((const uint32_t *)src.buf, (uint32_t *)dst.buf, n, &p);
-    else k64((const uint64_t *)src.buf, (uint64_t *)dst.buf, n, &p);
+    if (width == 32) k32((const uint32_t *)src.buf, (uint32_t *)dst.buf, n, &p, &c);
+    else k64((const uint64_t *)src.buf, (uint64_t *)dst.buf, n, &p, &c);
     Py_END_ALLOW_THREADS
     PyBuffer_Release(&src); PyBuffer_Release(&dst);
-    Py_RETURN_NONE;
+    return Py_BuildValue("(KKK)", (unsigned long long)c.overflow,
+                         (unsigned long long)c.underflow, (unsigned long long)c.nonfinite);
 }
 
 static PyMethodDef methods[] = {
-    {"quantize", quantize, METH_VARARGS, "Round a float32/float64 buffer into another."},
+    {"quantize", quantize, METH_VARARGS,
+     "Round a float32/float64 buffer into another (or itself); returns (overflow, "
+     "underflow-to-zero, non-finite input) counts."},
     {NULL, NULL, 0, NULL},
 };
 

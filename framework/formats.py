@@ -191,21 +191,21 @@ class FloatFormat:
         """The format's finite values ``lo <= |x| <= hi`` closest to ``|x|`` (exact).
 
         ``hi`` may be one step past :attr:`max` (the value rounding would reach with an
-        unbounded exponent), which is how overflow is detected.
+        unbounded exponent), which is how overflow is detected. A flush-to-zero format rounds
+        on the IEEE subnormal grid, as hardware does before it flushes a subnormal result,
+        so its neighbours below :attr:`min_normal` are points of that grid.
         """
         a = Fraction(abs(x))
         m = self.mantissa_bits
-        e_sub = self.subnormal_base_exponent
+        e_sub = self.subnormal_base_exponent if self.subnormals else self.min_exponent
         if a == 0:
             return 0.0, 0.0
-        # Grid points near a: subnormal multiples of 2**(e_sub - m) (or only zero) below
-        # min_normal, then 2**(m) steps per binade.
+        # Grid points near a: subnormal multiples of 2**(e_sub - m) below min_normal, then
+        # 2**m steps per binade.
         if a < Fraction(self.min_normal):
             q = Fraction(2) ** (e_sub - m)
-            top_sub = Fraction(self.max_subnormal)
-            if not self.subnormals:
-                lo, hi = Fraction(0), Fraction(self.min_normal)
-            elif a <= top_sub:
+            top_sub = Fraction(2) ** e_sub - q
+            if a <= top_sub:
                 k = math.floor(a / q)
                 lo, hi = k * q, (k + 1) * q if k * q < a else k * q
             else:
@@ -227,7 +227,8 @@ class FloatFormat:
             return True
         m = self.mantissa_bits
         if v < self.min_normal:
-            q = math.ldexp(1.0, self.subnormal_base_exponent - m)
+            e_sub = self.subnormal_base_exponent if self.subnormals else self.min_exponent
+            q = math.ldexp(1.0, e_sub - m)
             return int(v / q) % 2 == 0
         mant, _ = math.frexp(v)  # v = mant * 2**e, mant in [0.5, 1)
         return int(math.ldexp(mant, m + 1)) % 2 == 0

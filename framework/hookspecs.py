@@ -19,6 +19,8 @@ import pluggy
 
 if TYPE_CHECKING:
     from hwport.formats import FloatFormat
+    from hwport.pipeline import PipelineFactory
+    from hwport.recipes import Recipe
     from hwport.spec import BackendSpec
 
 PROJECT = "hwport"
@@ -36,4 +38,16 @@ def hwport_formats() -> Sequence[FloatFormat]:
 @hookspec
 def hwport_backends() -> Sequence[BackendSpec]:
     """Backend specs this plugin provides (names must be unique across plugins)."""
+    raise NotImplementedError
+
+
+@hookspec
+def hwport_recipes() -> Sequence[Recipe]:
+    """Recipes (how a program uses numerics) to offer by name."""
+    raise NotImplementedError
+
+
+@hookspec
+def hwport_pipelines() -> Sequence[PipelineFactory]:
+    """Pipelines (training + inference programs) to offer by name."""
     raise NotImplementedError

@@ -21,6 +21,8 @@ from hwport import formats as _formats
 from hwport import hookspecs
 from hwport.errors import HwportError, UnknownNameError
 from hwport.formats import FloatFormat
+from hwport.pipeline import PipelineFactory
+from hwport.recipes import Recipe
 from hwport.spec import BackendSpec
 
 
@@ -63,6 +65,9 @@ class Registry:
 
     pm: pluggy.PluginManager = field(default_factory=lambda: _manager())
     backends: dict[str, Backend] = field(default_factory=dict)
+    recipes: dict[str, Recipe] = field(default_factory=dict)
+    pipelines: dict[str, PipelineFactory] = field(default_factory=dict)
+    providers: dict[tuple[str, str], str] = field(default_factory=dict)  # (kind, name): plugin
     failures: list[PluginFailure] = field(default_factory=list)
     origins: dict[str, str] = field(default_factory=dict)
     collected: set[str] = field(default_factory=set)
@@ -122,16 +127,24 @@ class Registry:
                 continue
             try:
                 specs = self._call(plugin, "hwport_backends", BackendSpec)
-                for spec in specs:
-                    if spec.name in self.backends:
-                        other = self.backends[spec.name].plugin
-                        raise HwportError(f"backend name {spec.name!r} is already provided by "
-                                          f"plugin {other!r}")
+                recipes = self._call(plugin, "hwport_recipes", Recipe)
+                pipelines = self._call(plugin, "hwport_pipelines", PipelineFactory)
+                for kind, items in (("backend", specs), ("recipe", recipes),
+                                    ("pipeline", pipelines)):
+                    for item in items:
+                        owner = self.providers.get((kind, item.name))
+                        if owner is not None:
+                            raise HwportError(f"{kind} name {item.name!r} is already provided "
+                                              f"by plugin {owner!r}")
             except HwportError as e:
                 self._fail(name, plugin, str(e), added[name])
                 continue
             for spec in specs:
                 self.backends[spec.name] = Backend(spec, name, self.origins[name])
+            self.recipes.update((r.name, r) for r in recipes)
+            self.pipelines.update((p.name, p) for p in pipelines)
+            for kind, items in (("backend", specs), ("recipe", recipes), ("pipeline", pipelines)):
+                self.providers.update(((kind, i.name), name) for i in items)
             self.collected.add(name)
 
     def _uncollected(self) -> list[tuple[str, object]]:
@@ -182,6 +195,23 @@ class Registry:
                          for f in self.failures if f.plugin == name)
         raise UnknownNameError("backend", name, self.backends, hint)
 
+    def recipe(self, name: str) -> Recipe:
+        """The recipe called ``name``; an unknown name lists the known ones."""
+        if name not in self.recipes:
+            raise UnknownNameError("recipe", name, self.recipes)
+        return self.recipes[name]
+
+    def pipeline(self, name: str) -> PipelineFactory:
+        """The pipeline called ``name``, or a ``package.module:factory`` reference."""
+        if name in self.pipelines:
+            return self.pipelines[name]
+        if ":" in name:
+            from hwport.pipeline import load_factory
+
+            return load_factory(name)
+        raise UnknownNameError("pipeline", name, self.pipelines,
+                               "a pipeline of your own is named package.module:factory")
+
     def register(self, spec: BackendSpec, plugin: str = "python") -> None:
         """Add a spec built in Python (for example a ``dataclasses.replace`` variant)."""
         if not isinstance(spec, BackendSpec):
@@ -190,6 +220,7 @@ class Registry:
             raise HwportError(f"backend name {spec.name!r} is already provided by plugin "
                               f"{self.backends[spec.name].plugin!r}")
         self.backends[spec.name] = Backend(spec, plugin, "registered at run time")
+        self.providers[("backend", spec.name)] = plugin
 
 
 def _manager() -> pluggy.PluginManager:

@@ -22,6 +22,7 @@ Semantics, per element (``round_scalar`` is the executable definition, exact ari
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import math
 import struct
@@ -117,27 +118,31 @@ def _splitmix64(seed: int) -> int:
     return z ^ (z >> 31)
 
 
-@lru_cache(maxsize=4096)
 def kernel_params(
     fmt: FloatFormat, width: int, rounding: Rounding, seed: int | None,
     saturate: bool | None, rbits: int,
 ) -> KernelParams:
     """The kernel parameters for rounding ``width``-bit floats into ``fmt``."""
+    base = _base_params(fmt, width, rounding, saturate, rbits)
+    if seed is None or rounding is not Rounding.STOCHASTIC:
+        return base
+    key = _splitmix64(seed & 0xFFFFFFFFFFFFFFFF)
+    return dataclasses.replace(base, key0=key & 0xFFFFFFFF, key1=key >> 32)
+
+
+@lru_cache(maxsize=4096)
+def _base_params(
+    fmt: FloatFormat, width: int, rounding: Rounding, saturate: bool | None, rbits: int,
+) -> KernelParams:
     c = F32 if width == 32 else F64
-    overflow = fmt.overflow
-    if saturate is True:
-        overflow = "saturate"
-    elif saturate is False and overflow == "saturate":
-        overflow = "inf" if fmt.inf else "nan"
-        if overflow == "nan" and not fmt.has_nan:
-            raise FormatError(f"{fmt.name} has neither inf nor NaN: it can only saturate")
+    overflow = _overflow(fmt, saturate)
     nan_bits = c.inf | c.quiet
     ovf = {"inf": 0, "saturate": 1, "nan": 2}[overflow]
-    if rounding is Rounding.TOWARD_ZERO and ovf == 0:
+    if rounding is Rounding.TOWARD_ZERO:
         ovf = 1  # IEEE: toward zero, a finite value overflows to the largest finite value
     inf_bits = {0: c.inf, 1: c.bits(fmt.max), 2: nan_bits}[
         {"inf": 0, "saturate": 1, "nan": 2}[overflow]]
-    key = _splitmix64((seed or 0) & 0xFFFFFFFFFFFFFFFF)
+    key = _splitmix64(0)
     gap = int(fmt.subnormals and fmt.subnormal_exponent == "bias" and fmt.mantissa_bits > 0)
     return KernelParams(
         width=width, m=fmt.mantissa_bits, emin=fmt.min_exponent,
@@ -249,8 +254,8 @@ def _gap(ops: _Ops, a: Any, r: Any, p: KernelParams, c: _Container) -> Any:
     """Tesla "bias" subnormals: max_sub or min_normal for values in the band between."""
     # In units of 2**(emin - 2 - CM) the band's values and both neighbours are integers.
     eb = a >> c.mbits
-    sig = (a & ((1 << c.mbits) - 1)) | (1 << c.mbits)
-    x_units = ops.shl(sig, eb - (c.bias + p.emin - 2))
+    sig = (a & ((1 << c.mbits) - 1)) | ops.where(eb > 0, 1 << c.mbits, 0)
+    x_units = ops.shl(sig, ops.where(eb > 1, eb, 1) - (c.bias + p.emin - 2))
     lo_units = ((1 << p.m) - 1) << (c.mbits + 1 - p.m)
     gap = (1 << (c.mbits + 2)) - lo_units
     d = x_units - lo_units
@@ -430,12 +435,12 @@ def _container(dtype_name: str, fmt: FloatFormat) -> tuple[int, FloatFormat | No
 
 def _quantize_numpy(x: Any, fmt: FloatFormat, mode: Rounding, seed: int | None,
                     saturate: bool | None, rbits: int) -> Any:
-    if isinstance(x, float | int):
-        return float(_quantize_numpy(np.float64(x), fmt, mode, seed, saturate, rbits))
+    if isinstance(x, float | int) and not isinstance(x, np.generic):
+        return float(_quantize_numpy(np.array(float(x)), fmt, mode, seed, saturate, rbits))
     arr = np.asarray(x)
     name = "bfloat16" if arr.dtype.name == "bfloat16" else arr.dtype.name
     width, narrow = _container(name, fmt)
-    src = np.ascontiguousarray(arr, np.float32 if width == 32 else np.float64)
+    src = np.require(arr, np.float32 if width == 32 else np.float64, "C")
     p = kernel_params(fmt, width, mode, seed, saturate, rbits)
     out = np.empty_like(src)
     if _kernels is not None:
@@ -446,6 +451,22 @@ def _quantize_numpy(x: Any, fmt: FloatFormat, mode: Rounding, seed: int | None,
         out = quantize_xp_numpy(src, p)
     out = out.astype(arr.dtype) if narrow is not None else out
     return out if isinstance(x, np.ndarray) else out[()]
+
+
+def round_inplace(arr: np.ndarray, p: KernelParams) -> tuple[int, int, int]:
+    """Round a C-contiguous float32/float64 array in place; returns the counts of
+    (finite values that overflowed, nonzero values that became zero, inf/NaN inputs)."""
+    if _kernels is not None:
+        counts: tuple[int, int, int] = _kernels.quantize(
+            arr, arr, p.width, p.m, p.emin, p.esub, p.ftz, p.gap, p.overflow, p.mode, p.rbits,
+            p.max_bits, p.inf_bits, p.maxsub_bits, p.minnorm_bits, p.nan_bits, p.key0, p.key1)
+        return counts
+    before = arr.copy()  # pragma: no cover - the C kernel is missing
+    arr[...] = quantize_xp_numpy(before, p)
+    finite = np.isfinite(before)
+    top = np.array([p.max_bits], np.uint32 if p.width == 32 else np.uint64).view(arr.dtype)[0]
+    over = finite & (~np.isfinite(arr) | ((np.abs(arr) == top) & (np.abs(before) > top)))
+    return int(over.sum()), int(((before != 0) & (arr == 0)).sum()), int((~finite).sum())
 
 
 def quantize_xp_numpy(src: np.ndarray, p: KernelParams) -> np.ndarray:
@@ -522,6 +543,19 @@ def _jax_fn(p: KernelParams, narrowed: bool) -> Any:
 
 
 
+def _overflow(fmt: FloatFormat, saturate: bool | None) -> str:
+    """What overflow becomes: the format's rule, or the ``saturate`` override."""
+    if saturate is None:
+        return fmt.overflow
+    if saturate:
+        return "saturate"
+    if fmt.overflow != "saturate":
+        return fmt.overflow
+    if not (fmt.inf or fmt.has_nan):
+        raise FormatError(f"{fmt.name} has neither inf nor NaN: it can only saturate")
+    return "inf" if fmt.inf else "nan"
+
+
 def round_scalar(
     x: float, fmt: FloatFormat | str, rounding: Rounding | str = Rounding.NEAREST, *,
     u: float = 0.0, saturate: bool | None = None,
@@ -533,9 +567,7 @@ def round_scalar(
     """
     fmt = _formats.get(fmt)
     mode = Rounding(rounding)
-    overflow = fmt.overflow if saturate is None else (
-        "saturate" if saturate else fmt.overflow if fmt.overflow != "saturate"
-        else ("inf" if fmt.inf else "nan"))
+    overflow = _overflow(fmt, saturate)
     if math.isnan(x):
         return math.nan
     sign = math.copysign(1.0, x)
@@ -543,14 +575,12 @@ def round_scalar(
         return {"inf": x, "saturate": sign * fmt.max, "nan": math.nan}[overflow]
     if x == 0:
         return x
+    if mode is Rounding.TOWARD_ZERO:
+        overflow = "saturate"  # IEEE: toward zero, a finite value never overflows
     lo, hi = fmt.neighbours(x)
     a = abs(x)
-    if lo == hi:
+    if lo == hi or mode is Rounding.TOWARD_ZERO:
         v = lo
-    elif mode is Rounding.TOWARD_ZERO:
-        v = lo
-        if overflow == "inf":
-            overflow = "saturate"
     elif mode is Rounding.NEAREST:
         d_lo, d_hi = Fraction(a) - Fraction(lo), Fraction(hi) - Fraction(a)
         if d_lo != d_hi:

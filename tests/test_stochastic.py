@@ -86,6 +86,9 @@ def test_rounds_to_a_neighbour(name: str) -> None:
         got = stochastic(x, fmt, seed)
         for v, r in zip(x.tolist(), got.tolist(), strict=True):
             lo, hi = fmt.neighbours(v)
+            if not fmt.subnormals:  # subnormal results are flushed to zero
+                lo = 0.0 if lo < fmt.min_normal else lo
+                hi = 0.0 if hi < fmt.min_normal else hi
             s = math.copysign(1.0, v)
             assert r in (s * lo, s * hi), f"{name}: {v!r} -> {r!r}, neighbours {lo!r}, {hi!r}"
             assert math.copysign(1.0, r) == s
@@ -105,6 +108,7 @@ BIAS_CASES = [
     ("fp16", -1000.37, np.float32),
     ("cfp8t", (7 / 8 * 2**-7) * 0.6 + 2**-6 * 0.4, np.float32),  # "bias" band max_sub..min_n
     ("cfp8_152_b63", 1.3 * 2**-40, np.float32),
+    ("cfp8ftz", 1.2 * 2**-6, np.float32),  # flush-to-zero format, normal range
     ("bf16", 1 + 0.3 * 2**-7, np.float64),
     ("e4m3fn", 3.7 * 2**-9, np.float64),
     ("bf16", 1.5 * 2**-150, np.float64),  # 2**-17 of bf16's smallest subnormal: p ~ 1e-5
@@ -169,9 +173,7 @@ def test_same_seed_same_bits_other_seed_other_bits() -> None:
         a, b = stochastic(x, fmt, 5), stochastic(x, fmt, 5)
         np.testing.assert_array_equal(a.view(np.uint32), b.view(np.uint32))
         c = stochastic(x, fmt, 6)
-        inexact = stochastic(x, fmt, 5) != hwport.quantize(x, fmt, "nearest")
-        assert np.mean(a != c) > 0.15, name
-        assert inexact.any()
+        assert np.mean(a != c) > 0.15, name  # each inexact value flips with prob 2p(1-p)
     # results depend on (seed, flat index) only: a prefix or a reshape changes nothing
     full = stochastic(x, F.bf16, 9)
     np.testing.assert_array_equal(stochastic(x[:1000], F.bf16, 9), full[:1000])
@@ -183,9 +185,10 @@ def test_same_seed_same_bits_other_seed_other_bits() -> None:
 # ------------------------------------------------------------------------------------------
 # (e) the same bits on every backend
 # ------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("rbits", (23, 4, 24))
-@pytest.mark.parametrize("name", sorted(FORMATS))
+@pytest.mark.parametrize("rbits", (1, 24))
+@pytest.mark.parametrize("name", ("bf16", "fp16", "e4m3fn", "cfp8t", "cfp8_152_b63", "cfp8ftz"))
 def test_backends_agree(name: str, rbits: int) -> None:
+    """rbits 23 is covered for every format in test_quantize.py; here the extremes."""
     fmt = FORMATS[name]
     rng = np.random.default_rng(rbits)
     x = np.concatenate([
@@ -259,9 +262,9 @@ def same(a: float, b: float) -> bool:
 def test_c_kernel_matches_round_scalar(name: str) -> None:
     fmt = FORMATS[name]
 
-    @settings(max_examples=150, deadline=None, derandomize=True, database=None,
+    @settings(max_examples=120, deadline=None, derandomize=True, database=None,
               suppress_health_check=[HealthCheck.too_slow])
-    @given(st.lists(interesting_floats(fmt), min_size=1, max_size=6),
+    @given(st.lists(interesting_floats(fmt), min_size=1, max_size=4),
            st.integers(0, 2**64 - 1))
     def check(values: list[float], seed: int) -> None:
         x = np.array(values, np.float32)

@@ -1,0 +1,443 @@
+"""The torch engine: an ordinary torch program executed with a backend's numerics.
+
+:class:`Emulator` holds a lowered recipe and applies it at two levels:
+
+* a ``TorchDispatchMode`` under which every aten op is classified once (view or data
+  movement, matmul, op kept in fp32, other compute) and its results are rounded to the
+  format of its class and phase (forward, backward, optimizer), with matmul operands
+  rounded to the matmul input format (with per-tensor scaling when the recipe asks) and
+  narrow accumulators modelled by summing K in groups and rounding the partial sums;
+* the training step around it (:meth:`Emulator.train_step`): loss scaling with GradScaler
+  semantics, gradients rounded to the gradient format, fp32 master weights swapped in for
+  the optimizer, parameters stored back in the weights format.
+
+Rounding happens in place with the C kernel on CPU tensors; its overflow/underflow counts
+are the telemetry. The ``reference`` backend with the fp32 recipe runs with no mode at all:
+it is native execution, the yardstick.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections import defaultdict
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from hwport.formats import FloatFormat
+from hwport.recipes import Lowered
+from hwport.rounding import (
+    Rounding,
+    _quantize_torch,
+    _torch_xp,
+    kernel_params,
+    round_inplace,
+)
+
+aten = torch.ops.aten
+
+MATMUL = {aten.mm, aten.addmm, aten.bmm, aten.baddbmm, aten.convolution,
+          aten.convolution_backward, aten._scaled_dot_product_flash_attention_for_cpu,
+          aten._scaled_dot_product_efficient_attention,
+          aten._scaled_dot_product_flash_attention}
+# operands of each matmul-like op (positions in args)
+OPERANDS = {aten.mm: (0, 1), aten.addmm: (1, 2), aten.bmm: (0, 1), aten.baddbmm: (1, 2),
+            aten.convolution: (0, 1), aten.convolution_backward: (0, 1, 2)}
+FP32_GROUPS = {
+    "softmax": {aten._softmax, aten._softmax_backward_data, aten._log_softmax,
+                aten._log_softmax_backward_data},
+    "normalization": {aten.native_layer_norm, aten.native_layer_norm_backward,
+                      aten.native_batch_norm, aten.native_batch_norm_backward,
+                      aten._native_batch_norm_legit, aten._native_batch_norm_legit_functional,
+                      aten._native_batch_norm_legit_no_training, aten.native_group_norm,
+                      aten.native_group_norm_backward, aten._fused_rms_norm,
+                      aten._fused_rms_norm_backward},
+    "loss": {aten.nll_loss_forward, aten.nll_loss_backward, aten.nll_loss2d_forward,
+             aten.nll_loss2d_backward, aten.mse_loss, aten.mse_loss_backward,
+             aten.binary_cross_entropy, aten.binary_cross_entropy_backward,
+             aten.binary_cross_entropy_with_logits, aten.smooth_l1_loss,
+             aten.smooth_l1_loss_backward, aten.huber_loss, aten.huber_loss_backward},
+}
+# ops that move or select values without computing new ones: never rounded
+PASSTHROUGH = {
+    aten.detach, aten.clone, aten.copy_, aten._to_copy, aten.lift_fresh, aten.lift_fresh_copy,
+    aten.empty, aten.empty_like, aten.empty_strided, aten.new_empty, aten.new_empty_strided,
+    aten.zeros, aten.zeros_like, aten.new_zeros, aten.ones, aten.ones_like, aten.new_ones,
+    aten.full, aten.full_like, aten.new_full, aten.fill_, aten.zero_, aten.scalar_tensor,
+    aten.arange, aten._local_scalar_dense, aten.cat, aten.stack, aten.index_select,
+    aten.gather, aten.embedding, aten.index, aten.slice_scatter, aten.select_scatter,
+    aten.masked_fill, aten.where, aten.constant_pad_nd, aten.repeat, aten.tril, aten.triu,
+    aten.flip, aten.roll, aten.clamp, aten.relu, aten.threshold_backward, aten.max,
+    aten.min, aten.amax, aten.amin, aten.argmax, aten.argmin, aten.topk, aten.sort,
+    aten.eq, aten.ne, aten.lt, aten.le, aten.gt, aten.ge, aten.isnan, aten.isinf,
+    aten.isfinite, aten.logical_not, aten.logical_and, aten.logical_or, aten.abs, aten.neg,
+    aten.sign, aten.set_, aten.resize_, aten.randperm, aten.bernoulli, aten.uniform_,
+    aten.normal_, aten.native_dropout, aten.alias, aten.unbind, aten.split,
+    aten.split_with_sizes, aten.chunk,
+}
+
+
+@dataclass
+class Counts:
+    """Rounding events for one (phase, op class): elements rounded and what happened."""
+
+    elements: int = 0
+    overflow: int = 0
+    underflow: int = 0
+    nonfinite: int = 0
+
+    def add(self, n: int, counts: tuple[int, int, int]) -> None:
+        self.elements += n
+        self.overflow += counts[0]
+        self.underflow += counts[1]
+        self.nonfinite += counts[2]
+
+
+@dataclass
+class Telemetry:
+    """What the numerics did during a run."""
+
+    rounding: dict[str, Counts] = field(default_factory=lambda: defaultdict(Counts))
+    updates_attempted: int = 0
+    updates_lost: int = 0
+    loss_scale: list[float] = field(default_factory=list)
+    skipped_steps: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data for JSON: counts per ``phase/op class``, update losses, loss scales."""
+        lost = self.updates_lost / self.updates_attempted if self.updates_attempted else 0.0
+        return {
+            "rounding": {k: vars(v) for k, v in sorted(self.rounding.items()) if v.elements},
+            "updates_attempted": self.updates_attempted,
+            "updates_lost": self.updates_lost,
+            "lost_update_fraction": lost,
+            "loss_scale": self.loss_scale,
+            "skipped_steps": self.skipped_steps,
+        }
+
+
+def _is_float(t: Any) -> bool:
+    return isinstance(t, torch.Tensor) and t.is_floating_point()
+
+
+class Emulator:
+    """Runs torch programs with a lowered recipe on a backend (see the module docstring)."""
+
+    def __init__(self, lowered: Lowered, seed: int = 0) -> None:
+        self.lowered = lowered
+        self.spec = lowered.backend
+        recipe = lowered.recipe
+        self.recipe = recipe
+        self.seed = seed
+        self.telemetry = Telemetry()
+        fmt = self._fmt
+        self.mm_fwd, self.mm_bwd = fmt(recipe.matmul_input), fmt(recipe.backward_input)
+        self.acts = fmt(recipe.activations)
+        self.weights, self.grads = fmt(recipe.weights), fmt(recipe.gradients)
+        self.master = fmt(recipe.master_weights) if recipe.master_weights else None
+        self.state = fmt(recipe.optimizer_state)
+        self.fp32_ops = set().union(*(FP32_GROUPS[g] for g in recipe.fp32_ops))
+        self.native = all(f is None for f in (self.mm_fwd, self.mm_bwd, self.acts, self.weights,
+                                                  self.grads, self.state)) \
+            and self.master is None and recipe.loss_scaling is None
+        acc_name = self.spec.precision.accumulators.get(recipe.matmul_input, "fp32")
+        self.accumulator = fmt(acc_name)
+        self.interval = self.spec.precision.accumulation_interval
+        self.phase = "forward"
+        self.step_index = 0
+        self.op_index = 0
+        self.scale = recipe.loss_scaling.init_scale if recipe.loss_scaling else 1.0
+        self._growth_tracker = 0
+        self._overflows_before = 0
+        self._amax: dict[tuple[str, int, int], list[float]] = {}
+        self._site = 0
+        self._masters: dict[torch.Tensor, torch.Tensor] = {}
+        self._params: set[int] = set()  # data pointers of parameters during the update
+        self._kinds: dict[Any, str] = {}
+        self._mode = _Mode(self)
+
+    def _fmt(self, name: str | None) -> FloatFormat | None:
+        """The format called ``name``, or None where it is fp32 (no rounding needed)."""
+        if name is None:
+            return None
+        f = self.spec.format(name)
+        return None if (f.exponent_bits, f.mantissa_bits, f.bias) == (8, 23, 127) else f
+
+    # -- rounding -------------------------------------------------------------------------
+    def round_(self, t: torch.Tensor, fmt: FloatFormat | None, key: str,
+               rounding: Rounding = Rounding.NEAREST) -> torch.Tensor:
+        """Round ``t`` into ``fmt`` in place (a no-op for fp32); counts go to ``key``."""
+        if fmt is None or not t.is_floating_point() or t.numel() == 0:
+            return t
+        width = 64 if t.dtype == torch.float64 else 32
+        seed = None
+        if rounding is Rounding.STOCHASTIC:
+            self.op_index += 1
+            seed = (self.seed * 1_000_003 + self.step_index) * 1_000_033 + self.op_index
+        p = kernel_params(fmt, width, rounding, seed, None, 23)
+        if t.device.type == "cpu" and t.dtype in (torch.float32, torch.float64) \
+                and t.is_contiguous():
+            counts = round_inplace(t.detach().numpy(), p)
+            self.telemetry.rounding[key].add(t.numel(), counts)
+            return t
+        src = t.detach().to(torch.float64 if width == 64 else torch.float32).contiguous()
+        q = _torch_xp(src, p) if t.device.type != "cpu" else _quantize_torch(
+            src, fmt, rounding, seed, None, 23)
+        self._count_slow(key, src, q, fmt)
+        t.detach().copy_(q)
+        return t
+
+    def _count_slow(self, key: str, src: torch.Tensor, q: torch.Tensor, fmt: FloatFormat) -> None:
+        finite = torch.isfinite(src)
+        over = finite & ((~torch.isfinite(q)) | ((q.abs() == fmt.max) & (src.abs() > fmt.max)))
+        under = (src != 0) & (q == 0)
+        self.telemetry.rounding[key].add(
+            src.numel(), (int(over.sum()), int(under.sum()), int((~finite).sum())))
+
+    def rounded(self, t: torch.Tensor, fmt: FloatFormat | None, key: str) -> torch.Tensor:
+        """A rounded copy of ``t`` (operands must not be changed in place)."""
+        if fmt is None or not _is_float(t):
+            return t
+        return self.round_(t.detach().clone(memory_format=torch.contiguous_format), fmt, key)
+
+    # -- op handling ----------------------------------------------------------------------
+    def kind(self, func: Any) -> str:
+        """How ``func`` is emulated: pass, matmul, fp32 or compute (cached per overload)."""
+        kind = self._kinds.get(func)
+        if kind is None:
+            packet = func.overloadpacket
+            schema = func._schema
+            aliasing = any(r.alias_info is not None for r in schema.returns)
+            if packet in MATMUL:
+                kind = "matmul"
+            elif packet in self.fp32_ops:
+                kind = "fp32"
+            elif packet in PASSTHROUGH or (aliasing and torch.Tag.inplace not in func.tags):
+                kind = "pass"
+            else:
+                kind = "compute"
+            self._kinds[func] = kind
+        return kind
+
+    def dispatch(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        phase = self.phase
+        if phase == "control":
+            return func(*args, **kwargs)
+        kind = self.kind(func)
+        if kind == "pass":
+            return func(*args, **kwargs)
+        if phase == "optimizer":
+            return self._optimizer_op(func, args, kwargs)
+        if kind == "matmul":
+            return self._matmul(func, args, kwargs)
+        out = func(*args, **kwargs)
+        if kind == "fp32":
+            return out
+        return self._round_outputs(func, args, kwargs, out, self.acts, f"{phase}/elementwise")
+
+    def _round_outputs(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any,
+                       fmt: FloatFormat | None, key: str) -> Any:
+        if fmt is None:
+            return out
+        if torch.Tag.inplace in func.tags:
+            self.round_(args[0], fmt, key)
+        elif isinstance(out, torch.Tensor):
+            self.round_(out, fmt, key)
+        elif isinstance(out, tuple | list):
+            for o in out:
+                if _is_float(o):
+                    self.round_(o, fmt, key)
+        return out
+
+    def _matmul(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        backward = self.phase == "backward"
+        fmt = self.mm_bwd if backward else self.mm_fwd
+        packet = func.overloadpacket
+        positions = OPERANDS.get(packet, (0, 1, 2))
+        args = list(args)
+        if fmt is not None:
+            for i in positions:
+                if i < len(args) and _is_float(args[i]):
+                    args[i] = self._operand(args[i], fmt, i)
+        narrow = self.accumulator is not None or self.interval is not None
+        if fmt is not None and narrow and packet in (aten.mm, aten.addmm, aten.bmm, aten.baddbmm):
+            out = self._accumulate(packet, args, kwargs)
+        else:
+            out = func(*args, **kwargs)
+        key = f"{self.phase}/matmul"
+        return self._round_outputs(func, tuple(args), kwargs, out, self.acts, key)
+
+    def _operand(self, x: torch.Tensor, fmt: FloatFormat, position: int) -> torch.Tensor:
+        key = f"{self.phase}/matmul_input"
+        scaling = self.recipe.fp8_scaling
+        if scaling is None:
+            return self.rounded(x, fmt, key)
+        self._site += 1
+        site = (self.phase, self._site, position)
+        amax_now = float(x.detach().abs().max()) if x.numel() else 0.0
+        hist = self._amax.setdefault(site, [])
+        amax = amax_now if scaling.history == 0 or not hist else max(hist)
+        hist.append(amax_now)
+        del hist[:-max(scaling.history, 1)]
+        if not math.isfinite(amax) or amax == 0:
+            return self.rounded(x, fmt, key)
+        s = fmt.max / amax / 2.0**scaling.margin
+        s = 2.0 ** math.floor(math.log2(s))  # power-of-two scales are exact
+        q = self.round_(x.detach() * s, fmt, key)
+        return q.mul_(1.0 / s)
+
+    def _accumulate(self, packet: Any, args: list[Any], kwargs: dict[str, Any]) -> torch.Tensor:
+        """A matmul whose partial sums live in the accumulator format: K is summed in groups
+        of ``accumulation_interval`` (or 32) products, each group exactly, and every partial
+        sum is rounded to the accumulator format."""
+        if packet in (aten.addmm, aten.baddbmm):
+            bias, a, b = args[0], args[1], args[2]
+            beta, alpha = kwargs.get("beta", 1), kwargs.get("alpha", 1)
+        else:
+            bias, a, b, beta, alpha = None, args[0], args[1], 0, 1
+        k = a.shape[-1]
+        group = self.interval or 32
+        acc = torch.zeros(*a.shape[:-1], b.shape[-1], dtype=a.dtype)
+        fmt = self.accumulator
+        for k0 in range(0, k, group):
+            acc += a[..., k0:k0 + group] @ b[..., k0:k0 + group, :]
+            if fmt is not None:
+                self.round_(acc, fmt, f"{self.phase}/accumulator")
+        if alpha != 1:
+            acc = acc * alpha
+        if bias is not None and beta != 0:
+            acc = acc + (bias * beta if beta != 1 else bias)
+        return acc
+
+    # -- optimizer phase ------------------------------------------------------------------
+    def _optimizer_op(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """Optimizer ops: a parameter written in place is rounded to the weights (or master)
+        format with the recipe's update rounding; everything else to the state format."""
+        targets: list[torch.Tensor] = []
+        if torch.Tag.inplace in func.tags and args:
+            first = args[0]
+            targets = [first] if isinstance(first, torch.Tensor) else [
+                t for t in first if isinstance(t, torch.Tensor)]  # _foreach_*_ ops
+        fmt = self.master if self._masters else self.weights
+        params = [t for t in targets if t.data_ptr() in self._params] if fmt is not None else []
+        before = [t.detach().clone() for t in params]
+        out = func(*args, **kwargs)
+        rounding = Rounding(self.recipe.update_rounding)
+        for t, old in zip(params, before, strict=True):
+            exact_changed = t != old
+            self.round_(t, fmt, "optimizer/weights", rounding)
+            self.telemetry.updates_attempted += int(exact_changed.sum())
+            self.telemetry.updates_lost += int((exact_changed & (t == old)).sum())
+        state = [t for t in targets if t.data_ptr() not in self._params and t.is_floating_point()]
+        if targets:
+            for t in state:
+                self.round_(t, self.state, "optimizer/state")
+            return out
+        return self._round_outputs(func, args, kwargs, out, self.state, "optimizer/state")
+
+    # -- the training step ----------------------------------------------------------------
+    @contextlib.contextmanager
+    def phase_(self, phase: str) -> Iterator[None]:
+        """Run the block with ops attributed to ``phase``."""
+        old, self.phase = self.phase, phase
+        self._site = 0
+        try:
+            yield
+        finally:
+            self.phase = old
+
+    @contextlib.contextmanager
+    def active(self) -> Iterator[Emulator]:
+        """Emulate every torch op in the block (native when the recipe needs nothing)."""
+        if self.native:
+            yield self
+            return
+        with self._mode:
+            yield self
+
+    def prepare(self, model: torch.nn.Module) -> None:
+        """Store the model's parameters in the weights format, master copies kept apart."""
+        with torch.no_grad():
+            for p in model.parameters():
+                if self.recipe.master_weights is not None:
+                    self._masters[p] = self.round_(p.detach().clone(), self.master, "init/master")
+                self.round_(p.data, self.weights, "init/weights")
+
+    def train_step(self, loss_fn: Callable[[], torch.Tensor],
+                   optimizer: torch.optim.Optimizer, model: torch.nn.Module) -> float:
+        """One step: forward, (scaled) backward, gradient checks, optimizer update.
+
+        Returns the loss (NaN or inf when training diverged: that is an outcome)."""
+        with self.phase_("forward"):
+            loss = loss_fn()
+        value = float(loss.detach())
+        with self.phase_("control"):
+            scaled = loss * self.scale if self.scale != 1.0 else loss
+        self._overflows_before = self._backward_overflows()
+        with self.phase_("backward"):
+            scaled.backward()
+        params = [p for p in model.parameters() if p.grad is not None]
+        with self.phase_("control"), torch.no_grad():
+            for p in params:
+                assert p.grad is not None
+                self.round_(p.grad, self.grads, "backward/gradients")
+            skip = self._loss_scaling(params)
+            if not skip:
+                if self.scale != 1.0:
+                    for p in params:
+                        assert p.grad is not None
+                        p.grad.mul_(1.0 / self.scale)
+                for p, master in self._masters.items():
+                    p.data, self._masters[p] = master, p.data
+        if not skip:
+            self._params = {p.data_ptr() for p in model.parameters()}
+            with self.phase_("optimizer"):
+                optimizer.step()
+            with self.phase_("control"), torch.no_grad():
+                for p, low in self._masters.items():
+                    master = p.data
+                    low.copy_(master)
+                    self.round_(low, self.weights, "optimizer/weights_cast")
+                    p.data, self._masters[p] = low, master
+        optimizer.zero_grad(set_to_none=True)
+        self.step_index += 1
+        return value
+
+    def _backward_overflows(self) -> int:
+        return sum(c.overflow for k, c in self.telemetry.rounding.items()
+                   if k.startswith("backward/"))
+
+    def _loss_scaling(self, params: list[torch.nn.Parameter]) -> bool:
+        """GradScaler's update; True when the step must be skipped."""
+        policy = self.recipe.loss_scaling
+        if policy is None:
+            return False
+        self.telemetry.loss_scale.append(self.scale)
+        if policy.check == "overflow_flags":  # any overflow while computing gradients
+            found = self._backward_overflows() > self._overflows_before
+        else:  # GradScaler: an inf or NaN in some gradient
+            found = any(not bool(torch.isfinite(p.grad).all()) for p in params
+                        if p.grad is not None)
+        if found:
+            self.scale *= policy.backoff
+            self._growth_tracker = 0
+            self.telemetry.skipped_steps += 1
+            return True
+        self._growth_tracker += 1
+        if self._growth_tracker >= policy.growth_interval:
+            self.scale *= policy.growth
+            self._growth_tracker = 0
+        return False
+
+
+class _Mode(TorchDispatchMode):
+    def __init__(self, emulator: Emulator) -> None:
+        super().__init__()
+        self.emulator = emulator
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        return self.emulator.dispatch(func, args, kwargs or {})

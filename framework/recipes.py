@@ -1,0 +1,204 @@
+"""Recipes: how a training or inference program uses numerics, as data.
+
+A :class:`Recipe` names the format of each tensor role (matmul inputs, activations,
+weights, master weights, gradients, optimizer state), the op groups kept in fp32, how
+weight updates are rounded, and the scaling policies (dynamic loss scaling with GradScaler
+semantics, per-tensor FP8 scaling with an amax history). Recipes are written for the NVIDIA
+path (simgpu); :func:`lower` maps one onto another backend, recording every substitution.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+from hwport.errors import HwportError, UnknownNameError
+from hwport.formats import FloatFormat
+from hwport.hookspecs import hookimpl
+from hwport.spec import BackendSpec
+
+FP32_OP_GROUPS = ("softmax", "normalization", "loss")
+
+
+@dataclass(frozen=True)
+class LossScaling:
+    """Dynamic loss scaling with torch.amp.GradScaler semantics.
+
+    The loss is multiplied by ``scale`` before backward. If any gradient is inf or NaN the
+    step is skipped and the scale multiplied by ``backoff``; after ``growth_interval``
+    finite steps in a row it is multiplied by ``growth``. ``check`` says how overflow is
+    detected: ``"nonfinite"`` (an inf or NaN in a gradient, as GradScaler does; blind on
+    hardware that saturates) or ``"overflow_flags"`` (any overflow while computing
+    gradients, as hardware exception flags report it: works when overflow saturates).
+    """
+
+    init_scale: float = 2.0**16
+    growth: float = 2.0
+    backoff: float = 0.5
+    growth_interval: int = 2000
+    check: str = "nonfinite"
+
+
+@dataclass(frozen=True)
+class FP8Scaling:
+    """Per-tensor scaling of 8-bit matmul inputs (Transformer Engine's delayed scaling).
+
+    ``scale = max(fmt) / amax / 2**margin``, with ``amax`` the largest magnitude seen at
+    that matmul input over the last ``history`` steps (``history=0``: the current tensor's,
+    "current scaling").
+    """
+
+    history: int = 16
+    margin: int = 0
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Formats per tensor role and the mixed-precision policies of a program.
+
+    ``matmul_input`` is the format of matmul operands in forward (``matmul_input_backward``
+    in backward); ``activations`` of every other op's output (and matmul outputs), except op
+    groups in ``fp32_ops`` which compute and store in fp32. ``weights`` is the format the
+    model's parameters are stored in for compute; ``master_weights`` (None: no master copy)
+    the format the optimizer updates; ``gradients`` and ``optimizer_state`` likewise.
+    ``update_rounding`` rounds the results of optimizer updates (nearest or stochastic).
+    """
+
+    name: str
+    description: str
+    matmul_input: str = "fp32"
+    matmul_input_backward: str | None = None
+    activations: str = "fp32"
+    fp32_ops: tuple[str, ...] = ()
+    weights: str = "fp32"
+    master_weights: str | None = None
+    gradients: str = "fp32"
+    optimizer_state: str = "fp32"
+    update_rounding: str = "nearest"
+    loss_scaling: LossScaling | None = None
+    fp8_scaling: FP8Scaling | None = None
+    kahan_updates: bool = False
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "fp32_ops", tuple(self.fp32_ops))
+        bad = [g for g in self.fp32_ops if g not in FP32_OP_GROUPS]
+        if bad:
+            raise HwportError(f"recipe {self.name!r}: fp32_ops {bad} unknown; "
+                              f"groups are {list(FP32_OP_GROUPS)}")
+        if self.update_rounding not in ("nearest", "stochastic"):
+            raise HwportError(f"recipe {self.name!r}: update_rounding="
+                              f"{self.update_rounding!r} must be 'nearest' or 'stochastic'")
+
+    @property
+    def backward_input(self) -> str:
+        """The matmul operand format in backward."""
+        return self.matmul_input_backward or self.matmul_input
+
+    def formats(self) -> dict[str, str]:
+        """Every role's format, by role."""
+        roles = {"matmul_input": self.matmul_input, "matmul_input_backward": self.backward_input,
+                 "activations": self.activations, "weights": self.weights,
+                 "gradients": self.gradients, "optimizer_state": self.optimizer_state}
+        if self.master_weights is not None:
+            roles["master_weights"] = self.master_weights
+        return roles
+
+    def to_dict(self) -> dict[str, object]:
+        """Plain data for JSON."""
+        return dataclasses.asdict(self)
+
+
+_AMP = ("softmax", "normalization", "loss")
+
+BUILTIN: tuple[Recipe, ...] = (
+    Recipe("fp32", "everything in fp32: the reference recipe"),
+    Recipe("amp-bf16", "bf16 autocast: bf16 matmuls and activations, fp32 softmax/norms/loss, "
+           "fp32 master weights, gradients and optimizer state",
+           matmul_input="bf16", activations="bf16", fp32_ops=_AMP, weights="bf16",
+           master_weights="fp32"),
+    Recipe("amp-fp16", "fp16 autocast with dynamic loss scaling (GradScaler defaults: 2**16, "
+           "x2 every 2000 finite steps, x0.5 and skip on inf/NaN), fp32 master weights",
+           matmul_input="fp16", activations="fp16", fp32_ops=_AMP, weights="fp16",
+           master_weights="fp32", loss_scaling=LossScaling()),
+    Recipe("fp8-hybrid", "FP8 matmuls, E4M3 forward and E5M2 backward, per-tensor delayed "
+           "scaling with an amax history; bf16 activations, fp32 master weights",
+           matmul_input="e4m3fn", matmul_input_backward="e5m2", activations="bf16",
+           fp32_ops=_AMP, weights="bf16", master_weights="fp32", fp8_scaling=FP8Scaling()),
+    Recipe("pure-bf16", "everything in bf16 (weights, gradients, optimizer state), no master "
+           "weights, weight updates rounded to nearest",
+           matmul_input="bf16", activations="bf16", weights="bf16", gradients="bf16",
+           optimizer_state="bf16"),
+)
+
+
+@dataclass(frozen=True)
+class Lowered:
+    """A recipe as one backend can run it, with the notes of what changed."""
+
+    recipe: Recipe
+    original: Recipe
+    backend: BackendSpec
+    notes: tuple[str, ...] = field(default=())
+
+    def format(self, name: str) -> FloatFormat:
+        return self.backend.format(name)
+
+
+def _nearest_format(want: FloatFormat, have: list[FloatFormat]) -> FloatFormat:
+    """The format of ``have`` closest to ``want``: itself, else one of the same width with
+    the closest exponent width, else the narrowest wider one, else the widest."""
+    if want in have:
+        return want
+
+    def closeness(f: FloatFormat) -> tuple[int, int]:
+        return (abs(f.exponent_bits - want.exponent_bits), -f.mantissa_bits)
+
+    same = [f for f in have if f.bits == want.bits]
+    if same:
+        return min(same, key=closeness)
+    wider = [f for f in have if f.bits > want.bits]
+    if wider:
+        return min(wider, key=lambda f: (f.bits, *closeness(f)))
+    return max(have, key=lambda f: f.bits)
+
+
+def lower(recipe: Recipe, spec: BackendSpec) -> Lowered:
+    """``recipe`` as ``spec`` can run it: formats it lacks become its nearest ones, hardware
+    features it lacks are dropped; each change is a note."""
+    notes: list[str] = []
+    changes: dict[str, object] = {}
+    storage = [spec.format(f) for f in spec.precision.formats]
+    matmul = [spec.format(f) for f in spec.precision.matmul_inputs]
+    for role in ("matmul_input", "matmul_input_backward", "activations", "weights",
+                 "master_weights", "gradients", "optimizer_state"):
+        name = getattr(recipe, role)
+        if name is None:
+            continue
+        target = _nearest_format(spec.format(name), matmul if role.startswith("matmul")
+                                 else storage).name
+        if target != name:
+            changes[role] = target
+            notes.append(f"{role}: {name} -> {target} ({spec.name} has no {name}"
+                         f"{' matmul' if role.startswith('matmul') else ''})")
+    if recipe.update_rounding == "stochastic" and not spec.precision.stochastic_rounding:
+        changes["update_rounding"] = "nearest"
+        notes.append(f"update_rounding: stochastic -> nearest ({spec.name} has no stochastic "
+                     "rounding)")
+    if recipe.fp8_scaling is not None and "fp8_per_tensor_scaling" not in spec.precision.features:
+        changes["fp8_scaling"] = None
+        notes.append(f"fp8_scaling dropped ({spec.name} has no per-tensor FP8 scaling)")
+    lowered = dataclasses.replace(recipe, **changes) if changes else recipe  # type: ignore[arg-type]
+    return Lowered(lowered, recipe, spec, tuple(notes))
+
+
+def builtin(name: str) -> Recipe:
+    """The built-in recipe called ``name``."""
+    for r in BUILTIN:
+        if r.name == name:
+            return r
+    raise UnknownNameError("recipe", name, [r.name for r in BUILTIN])
+
+
+@hookimpl
+def hwport_recipes() -> list[Recipe]:
+    return list(BUILTIN)

@@ -1,0 +1,327 @@
+"""Running pipelines on backends: one cell (:func:`run`) or a grid (:func:`compare`).
+
+A training cell trains the pipeline from the same seed under the backend's lowered recipe
+and classifies the result against the reference backend's fp32 training. An inference
+cell takes the model trained once in fp32 on the reference (cached on disk, keyed by the
+pipeline's configuration and seed) and runs its forward passes on the backend, comparing
+outputs with the reference's. Outcomes follow :class:`OutcomeRules` (docs/outcomes.md).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from hwport import plugins
+from hwport.engine import Emulator
+from hwport.errors import HwportError
+from hwport.pipeline import Pipeline, PipelineFactory
+from hwport.recipes import Recipe, lower
+from hwport.spec import BackendSpec
+
+MODES = ("train", "infer")
+Progress = Callable[[int, int], None]
+
+
+@dataclass(frozen=True)
+class OutcomeRules:
+    """How a cell is classified against the reference (fp32 on the reference backend).
+
+    Training, on the final validation loss ``L`` against the reference's ``L_ref`` and the
+    untrained model's ``L_0``: *diverged* if any loss is NaN/inf or ``L > L_0``;
+    *converged* if ``L <= L_ref * (1 + converged_tolerance)``; else *degraded* if the run
+    made at least ``degraded_progress`` of the reference's progress
+    ``(L_0 - L) / (L_0 - L_ref)``; else *stalled*.
+
+    Inference, on the outputs against the reference model's: *broken* if any output is
+    NaN/inf or top-1 agreement is below ``broken_agreement``; *parity* if agreement is at
+    least ``parity_agreement`` and the validation loss is within ``parity_loss_tolerance``
+    (relative) of the reference's; else *degraded*.
+    """
+
+    converged_tolerance: float = 0.05
+    degraded_progress: float = 0.5
+    parity_agreement: float = 0.99
+    parity_loss_tolerance: float = 0.02
+    broken_agreement: float = 0.9
+
+    def train(self, initial: float, final: float, reference: float, finite: bool) -> str:
+        if not finite or not math.isfinite(final) or final > initial:
+            return "diverged"
+        if final <= reference * (1 + self.converged_tolerance):
+            return "converged"
+        progress = (initial - final) / max(initial - reference, 1e-12)
+        return "degraded" if progress >= self.degraded_progress else "stalled"
+
+    def infer(self, agreement: float, loss: float, reference: float, finite: bool) -> str:
+        if not finite or not math.isfinite(loss) or agreement < self.broken_agreement:
+            return "broken"
+        if agreement >= self.parity_agreement and \
+                abs(loss - reference) <= self.parity_loss_tolerance * abs(reference):
+            return "parity"
+        return "degraded"
+
+
+@dataclass
+class RunResult:
+    """One cell: a pipeline in one mode on one backend under one recipe."""
+
+    backend: str
+    pipeline: str
+    mode: str
+    recipe: str
+    seed: int
+    steps: int
+    outcome: str
+    metrics: dict[str, float]
+    reference_metrics: dict[str, float]
+    curve: list[dict[str, float]]
+    telemetry: dict[str, Any]
+    lowering: list[str]
+    wall_s: float
+    framework: str = "torch"
+    agreement: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data for JSON (non-finite numbers as strings)."""
+        return _finite(asdict(self))  # type: ignore[no-any-return]
+
+
+def _finite(x: Any) -> Any:
+    if isinstance(x, float) and not math.isfinite(x):
+        return str(x)
+    if isinstance(x, dict):
+        return {k: _finite(v) for k, v in x.items()}
+    if isinstance(x, list | tuple):
+        return [_finite(v) for v in x]
+    return x
+
+
+def cache_dir() -> Path:
+    """Where trained reference models are kept: $HWPORT_CACHE or ~/.cache/hwport."""
+    return Path(os.environ.get("HWPORT_CACHE") or Path.home() / ".cache" / "hwport")
+
+
+@contextlib.contextmanager
+def _seeded(seed: int) -> Iterator[None]:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
+def resolve_pipeline(pipeline: str | Pipeline | PipelineFactory, steps: int | None = None,
+                     options: dict[str, Any] | None = None) -> Pipeline:
+    """A built pipeline from a name, a ``module:factory`` reference, a factory or itself."""
+    options = dict(options or {})
+    if steps is not None:
+        if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
+            raise HwportError(f"steps={steps!r}: must be a positive integer")
+        options["steps"] = steps
+    if isinstance(pipeline, Pipeline):
+        if options:
+            raise HwportError("options and steps apply to a pipeline name or factory, not to "
+                              "a built Pipeline")
+        return pipeline
+    factory = pipeline if isinstance(pipeline, PipelineFactory) else \
+        plugins.registry().pipeline(pipeline)
+    try:
+        built = factory.build(**options)
+    except TypeError as e:
+        raise HwportError(f"pipeline {factory.name!r} does not take these options "
+                          f"{sorted(options)}: {e}") from None
+    if not isinstance(built, Pipeline):
+        raise HwportError(f"pipeline factory {factory.name!r} returned "
+                          f"{type(built).__name__}, not a hwport.Pipeline")
+    return built
+
+
+def _spec(backend: str | BackendSpec) -> BackendSpec:
+    return backend if isinstance(backend, BackendSpec) else plugins.get_backend(backend)
+
+
+def _recipe(recipe: str | Recipe) -> Recipe:
+    return recipe if isinstance(recipe, Recipe) else plugins.registry().recipe(recipe)
+
+
+@dataclass
+class _Trained:
+    model: torch.nn.Module
+    curve: list[dict[str, float]]
+    metrics: dict[str, float]
+    initial: dict[str, float]
+    telemetry: dict[str, Any]
+    finite: bool
+
+
+def _evaluate(p: Pipeline, model: torch.nn.Module, em: Emulator) -> dict[str, float]:
+    with em.phase_("forward"), torch.no_grad():
+        return {k: float(v) for k, v in p.evaluate(model).items()}
+
+
+def _train(p: Pipeline, spec: BackendSpec, recipe: Recipe, seed: int,
+           progress: Progress | None) -> tuple[_Trained, list[str]]:
+    lowered = lower(recipe, spec)
+    em = Emulator(lowered, seed)
+    with _seeded(seed):
+        model = p.model()
+        batches = p.batches(seed)
+        with em.active():
+            em.prepare(model)
+            optimizer = p.optimizer(model.parameters())
+            initial = _evaluate(p, model, em)
+            curve: list[dict[str, float]] = []
+            finite = True
+            for step in range(p.steps):
+                batch = next(batches)
+                loss = em.train_step(lambda b=batch: p.loss(model, b), optimizer, model)
+                point: dict[str, float] = {"step": step + 1, "loss": loss}
+                if not math.isfinite(loss):
+                    finite = False
+                last = step + 1 == p.steps or not finite
+                if (step + 1) % p.eval_every == 0 or last:
+                    point.update(_evaluate(p, model, em))
+                curve.append(point)
+                if progress:
+                    progress(step + 1, p.steps)
+                if not finite:  # a NaN is an outcome: stop, keep what was measured
+                    break
+            metrics = {k: v for k, v in curve[-1].items() if k not in ("step", "loss")}
+    return _Trained(model, curve, metrics, initial, em.telemetry.to_dict(), finite), \
+        list(lowered.notes)
+
+
+def _reference(p: Pipeline, seed: int, progress: Progress | None = None) -> _Trained:
+    """The pipeline trained in fp32 on the reference backend (cached in memory and on disk)."""
+    key = (p.key(), seed)
+    hit = _REFERENCE.get(key)
+    if hit is not None:
+        return hit
+    path = cache_dir() / "models" / f"{p.name}-{p.key()}-s{seed}.pt"
+    if path.exists():
+        try:
+            saved = torch.load(path, weights_only=False)
+            with _seeded(seed):
+                model = p.model()
+            model.load_state_dict(saved["state"])
+            trained = _Trained(model, saved["curve"], saved["metrics"], saved["initial"],
+                               saved["telemetry"], saved["finite"])
+            _REFERENCE[key] = trained
+            return trained
+        except Exception:  # a stale or corrupt cache entry is retrained, never fatal
+            path.unlink(missing_ok=True)
+    trained, _ = _train(p, plugins.get_backend("reference"), plugins.registry().recipe("fp32"),
+                        seed, progress)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save({"state": trained.model.state_dict(), "curve": trained.curve,
+                "metrics": trained.metrics, "initial": trained.initial,
+                "telemetry": trained.telemetry, "finite": trained.finite}, tmp)
+    tmp.replace(path)
+    _REFERENCE[key] = trained
+    return trained
+
+
+_REFERENCE: dict[tuple[str, int], _Trained] = {}
+
+
+def run(backend: str | BackendSpec, pipeline: str | Pipeline | PipelineFactory,
+        mode: str = "train", recipe: str | Recipe = "amp-bf16", *, steps: int | None = None,
+        seed: int = 0, options: dict[str, Any] | None = None,
+        rules: OutcomeRules | None = None, progress: Progress | None = None) -> RunResult:
+    """Run one cell and classify it against the reference (see the module docstring)."""
+    if mode not in MODES:
+        raise HwportError(f"mode {mode!r}: must be one of {list(MODES)}")
+    spec, rec = _spec(backend), _recipe(recipe)
+    p = resolve_pipeline(pipeline, steps, options)
+    rules = rules or OutcomeRules()
+    t0 = time.perf_counter()
+    ref = _reference(p, seed, progress if spec.name == "reference" else None)
+    if mode == "train":
+        if spec.name == "reference" and rec.name == "fp32":
+            got, notes = ref, []
+        else:
+            got, notes = _train(p, spec, rec, seed, progress)
+        outcome = rules.train(got.initial["val_loss"], got.metrics.get("val_loss", math.nan),
+                              ref.metrics["val_loss"], got.finite)
+        return RunResult(spec.name, p.name, mode, rec.name, seed, p.steps, outcome,
+                         got.metrics, ref.metrics, got.curve, got.telemetry, notes,
+                         time.perf_counter() - t0)
+    return _infer(p, spec, rec, seed, ref, rules, t0, progress)
+
+
+def _infer(p: Pipeline, spec: BackendSpec, rec: Recipe, seed: int, ref: _Trained,
+           rules: OutcomeRules, t0: float, progress: Progress | None) -> RunResult:
+    lowered = lower(rec, spec)
+    em = Emulator(lowered, seed)
+    model = ref.model
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    try:
+        with torch.no_grad():
+            ref_logits = p.predict(model).double()
+            ref_metrics = {k: float(v) for k, v in p.evaluate(model).items()}
+        with em.active(), torch.no_grad():
+            em.prepare(model)
+            with em.phase_("forward"):
+                logits = p.predict(model).double()
+            metrics = _evaluate(p, model, em)
+    finally:
+        model.load_state_dict(state)
+    if progress:
+        progress(1, 1)
+    finite = bool(torch.isfinite(logits).all())
+    agree = float((logits.argmax(-1) == ref_logits.argmax(-1)).double().mean())
+    logp_ref = torch.log_softmax(ref_logits, -1)
+    logp = torch.log_softmax(logits, -1)
+    kl = float((logp_ref.exp() * (logp_ref - logp)).sum(-1).mean()) if finite else math.inf
+    outcome = rules.infer(agree, metrics.get("val_loss", math.nan), ref_metrics["val_loss"], finite)
+    return RunResult(spec.name, p.name, "infer", rec.name, seed, p.steps, outcome, metrics,
+                     ref_metrics, [], em.telemetry.to_dict(), list(lowered.notes),
+                     time.perf_counter() - t0, agreement={"top1": agree, "kl": kl})
+
+
+@dataclass
+class Comparison:
+    """Backends x pipelines x modes, each cell a :class:`RunResult`."""
+
+    recipe: str
+    seed: int
+    cells: list[RunResult]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"recipe": self.recipe, "seed": self.seed,
+                "cells": [c.to_dict() for c in self.cells]}
+
+
+def compare(backends: Sequence[str] | None = None, pipelines: Sequence[str] | None = None,
+            modes: Sequence[str] = MODES, recipe: str | Recipe = "amp-bf16", *,
+            steps: int | None = None, seed: int = 0, rules: OutcomeRules | None = None,
+            on_cell: Callable[[str, Progress | None], Progress | None] | None = None,
+            ) -> Comparison:
+    """Every (pipeline, mode, backend) cell; default: all registered backends, the
+    built-in pipelines, both modes."""
+    reg = plugins.registry()
+    names = list(backends) if backends else sorted(reg.backends)
+    for n in names:
+        reg.get(n)  # unknown names fail before any work
+    pipes = list(pipelines) if pipelines else ["digits", "lm"]
+    for m in modes:
+        if m not in MODES:
+            raise HwportError(f"mode {m!r}: must be one of {list(MODES)}")
+    rec = _recipe(recipe)
+    built = {name: resolve_pipeline(name, steps) for name in pipes}
+    cells = []
+    for pname, p in built.items():
+        for mode in modes:
+            for b in names:
+                label = f"{pname} {mode} on {b}"
+                progress = on_cell(label, None) if on_cell else None
+                cells.append(run(b, p, mode, rec, seed=seed, rules=rules, progress=progress))
+    return Comparison(rec.name, seed, cells)
