@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 
 from hwport.formats import FloatFormat
 from hwport.recipes import Lowered
@@ -77,7 +77,8 @@ PASSTHROUGH = {
     aten.isfinite, aten.logical_not, aten.logical_and, aten.logical_or, aten.abs, aten.neg,
     aten.sign, aten.set_, aten.resize_, aten.randperm, aten.bernoulli, aten.uniform_,
     aten.normal_, aten.native_dropout, aten.alias, aten.unbind, aten.split,
-    aten.split_with_sizes, aten.chunk,
+    aten.split_with_sizes, aten.chunk, aten._unsafe_view, aten.expand, aten.randint,
+    aten.unsqueeze, aten.squeeze, aten.reshape, aten.contiguous,
 }
 
 
@@ -158,6 +159,9 @@ class Emulator:
         self._masters: dict[torch.Tensor, torch.Tensor] = {}
         self._params: set[int] = set()  # data pointers of parameters during the update
         self._kinds: dict[Any, str] = {}
+        self._known: dict[int, tuple[torch.Tensor, int, FloatFormat]] = {}
+        self._copies: dict[tuple[int, str], tuple[torch.Tensor, int, torch.Tensor]] = {}
+        self._param_ids: list[int] = []
         self._mode = _Mode(self)
 
     def _fmt(self, name: str | None) -> FloatFormat | None:
@@ -169,7 +173,8 @@ class Emulator:
 
     # -- rounding -------------------------------------------------------------------------
     def round_(self, t: torch.Tensor, fmt: FloatFormat | None, key: str,
-               rounding: Rounding = Rounding.NEAREST) -> torch.Tensor:
+               rounding: Rounding = Rounding.NEAREST,
+               saturate: bool | None = None) -> torch.Tensor:
         """Round ``t`` into ``fmt`` in place (a no-op for fp32); counts go to ``key``."""
         if fmt is None or not t.is_floating_point() or t.numel() == 0:
             return t
@@ -178,17 +183,19 @@ class Emulator:
         if rounding is Rounding.STOCHASTIC:
             self.op_index += 1
             seed = (self.seed * 1_000_003 + self.step_index) * 1_000_033 + self.op_index
-        p = kernel_params(fmt, width, rounding, seed, None, 23)
+        p = kernel_params(fmt, width, rounding, seed, saturate, 23)
         if t.device.type == "cpu" and t.dtype in (torch.float32, torch.float64) \
                 and t.is_contiguous():
             counts = round_inplace(t.detach().numpy(), p)
             self.telemetry.rounding[key].add(t.numel(), counts)
+            self.mark(t, fmt)
             return t
         src = t.detach().to(torch.float64 if width == 64 else torch.float32).contiguous()
         q = _torch_xp(src, p) if t.device.type != "cpu" else _quantize_torch(
-            src, fmt, rounding, seed, None, 23)
+            src, fmt, rounding, seed, saturate, 23)
         self._count_slow(key, src, q, fmt)
         t.detach().copy_(q)
+        self.mark(t, fmt)
         return t
 
     def _count_slow(self, key: str, src: torch.Tensor, q: torch.Tensor, fmt: FloatFormat) -> None:
@@ -199,10 +206,57 @@ class Emulator:
             src.numel(), (int(over.sum()), int(under.sum()), int((~finite).sum())))
 
     def rounded(self, t: torch.Tensor, fmt: FloatFormat | None, key: str) -> torch.Tensor:
-        """A rounded copy of ``t`` (operands must not be changed in place)."""
-        if fmt is None or not _is_float(t):
+        """``t`` in ``fmt``: itself if it is known to hold ``fmt`` values already, else a
+        rounded copy (operands must not be changed in place). Copies are cached for the
+        step, as autocast caches its casts: backward finds the forward's copy."""
+        if fmt is None or not _is_float(t) or self.known(t) is fmt:
             return t
-        return self.round_(t.detach().clone(memory_format=torch.contiguous_format), fmt, key)
+        # round the view's base once, and serve every view of it from that copy
+        root = t._base if t._base is not None and t._base.dtype == t.dtype else t
+        hit = self._copies.get((id(root), fmt.name))
+        if hit is not None and hit[0] is root and hit[1] == root._version:
+            copy = hit[2]
+        else:
+            copy = self.round_(root.detach().clone(memory_format=torch.preserve_format),
+                               fmt, key)
+            if copy.stride() != root.stride():  # not dense: round just this view
+                return self.round_(t.detach().clone(memory_format=torch.contiguous_format),
+                                   fmt, key)
+            self._copies[(id(root), fmt.name)] = (root, root._version, copy)
+        if root is t:
+            return copy
+        return copy.as_strided(t.size(), t.stride(), t.storage_offset() - root.storage_offset())
+
+    # Tensors known to hold values of a format, so that operands already in the matmul format
+    # are not copied and rounded again: id -> (tensor, version, format). The entries hold
+    # their tensors until the step ends: the Python object of a tensor saved for backward
+    # then stays the one seen in forward (ids cannot be reused), and a hit needs the same
+    # version (an in-place change bumps it).
+    def known(self, t: torch.Tensor) -> FloatFormat | None:
+        entry = self._known.get(id(t))
+        if entry is not None and entry[0] is t and entry[1] == t._version:
+            return entry[2]
+        base = t._base  # a view holds a subset of its base's values (same version counter)
+        return self.known(base) if base is not None and base.dtype == t.dtype else None
+
+    def _known_all(self, x: Any) -> FloatFormat | None:
+        """The format a tensor, or every tensor of a list, is known to hold."""
+        if isinstance(x, torch.Tensor):
+            return self.known(x)
+        if isinstance(x, list | tuple) and x and all(isinstance(t, torch.Tensor) for t in x):
+            fmts = {self.known(t) for t in x}
+            return fmts.pop() if len(fmts) == 1 else None
+        return None
+
+    def mark(self, t: Any, fmt: FloatFormat | None) -> None:
+        if fmt is not None and isinstance(t, torch.Tensor):
+            self._known[id(t)] = (t, t._version, fmt)
+
+    def end_step(self) -> None:
+        """Forget what the step kept (rounded copies, known formats but the parameters')."""
+        self._copies.clear()
+        params = set(self._param_ids)
+        self._known = {k: v for k, v in self._known.items() if k in params}
 
     # -- op handling ----------------------------------------------------------------------
     def kind(self, func: Any) -> str:
@@ -229,7 +283,13 @@ class Emulator:
             return func(*args, **kwargs)
         kind = self.kind(func)
         if kind == "pass":
-            return func(*args, **kwargs)
+            out = func(*args, **kwargs)
+            if args:  # views, copies, selections and concatenations keep the format
+                fmt = self._known_all(args[0])
+                if fmt is not None:
+                    for o in (out if isinstance(out, tuple | list) else (out,)):
+                        self.mark(o, fmt)
+            return out
         if phase == "optimizer":
             return self._optimizer_op(func, args, kwargs)
         if kind == "matmul":
@@ -287,7 +347,8 @@ class Emulator:
             return self.rounded(x, fmt, key)
         s = fmt.max / amax / 2.0**scaling.margin
         s = 2.0 ** math.floor(math.log2(s))  # power-of-two scales are exact
-        q = self.round_(x.detach() * s, fmt, key)
+        # scaled casts saturate (Transformer Engine converts with satfinite)
+        q = self.round_(x.detach() * s, fmt, key, saturate=True)
         return q.mul_(1.0 / s)
 
     def _accumulate(self, packet: Any, args: list[Any], kwargs: dict[str, Any]) -> torch.Tensor:
@@ -342,11 +403,15 @@ class Emulator:
     # -- the training step ----------------------------------------------------------------
     @contextlib.contextmanager
     def phase_(self, phase: str) -> Iterator[None]:
-        """Run the block with ops attributed to ``phase``."""
+        """Run the block with ops attributed to ``phase`` (``control``: not emulated)."""
         old, self.phase = self.phase, phase
         self._site = 0
         try:
-            yield
+            if phase == "control":
+                with _disable_current_modes():
+                    yield
+            else:
+                yield
         finally:
             self.phase = old
 
@@ -366,12 +431,15 @@ class Emulator:
                 if self.recipe.master_weights is not None:
                     self._masters[p] = self.round_(p.detach().clone(), self.master, "init/master")
                 self.round_(p.data, self.weights, "init/weights")
+                self.mark(p, self.weights)
+                self._param_ids.append(id(p))
 
     def train_step(self, loss_fn: Callable[[], torch.Tensor],
                    optimizer: torch.optim.Optimizer, model: torch.nn.Module) -> float:
         """One step: forward, (scaled) backward, gradient checks, optimizer update.
 
         Returns the loss (NaN or inf when training diverged: that is an outcome)."""
+        self.end_step()
         with self.phase_("forward"):
             loss = loss_fn()
         value = float(loss.detach())
@@ -395,17 +463,28 @@ class Emulator:
                     p.data, self._masters[p] = master, p.data
         if not skip:
             self._params = {p.data_ptr() for p in model.parameters()}
-            with self.phase_("optimizer"):
-                optimizer.step()
+            if self._update_is_native():
+                with self.phase_("control"):
+                    optimizer.step()
+            else:
+                with self.phase_("optimizer"):
+                    optimizer.step()
             with self.phase_("control"), torch.no_grad():
                 for p, low in self._masters.items():
                     master = p.data
                     low.copy_(master)
                     self.round_(low, self.weights, "optimizer/weights_cast")
                     p.data, self._masters[p] = low, master
+                    self.mark(p, self.weights)
         optimizer.zero_grad(set_to_none=True)
         self.step_index += 1
+        self.end_step()
         return value
+
+    def _update_is_native(self) -> bool:
+        """Whether the optimizer's arithmetic needs no rounding (fp32 master and state)."""
+        target = self.master if self._masters else self.weights
+        return target is None and self.state is None
 
     def _backward_overflows(self) -> int:
         return sum(c.overflow for k, c in self.telemetry.rounding.items()
@@ -435,6 +514,12 @@ class Emulator:
 
 
 class _Mode(TorchDispatchMode):
+    @classmethod
+    def _should_skip_dynamo(cls) -> bool:
+        # Emulated programs are never compiled, so __torch_dispatch__ needs no per-op
+        # wrapper that disables dynamo (it costs microseconds on every op).
+        return False
+
     def __init__(self, emulator: Emulator) -> None:
         super().__init__()
         self.emulator = emulator

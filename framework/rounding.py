@@ -45,6 +45,7 @@ except ImportError:  # pragma: no cover - a build without the C extension
 
 NATIVE_KERNEL = _kernels is not None  # whether numpy and CPU torch use the C kernel
 
+
 A = TypeVar("A")
 
 MAX_RBITS = 24

@@ -162,8 +162,11 @@ class _Trained:
 
 
 def _evaluate(p: Pipeline, model: torch.nn.Module, em: Emulator) -> dict[str, float]:
-    with em.phase_("forward"), torch.no_grad():
-        return {k: float(v) for k, v in p.evaluate(model).items()}
+    try:
+        with em.phase_("forward"), torch.no_grad():
+            return {k: float(v) for k, v in p.evaluate(model).items()}
+    finally:
+        em.end_step()
 
 
 def _train(p: Pipeline, spec: BackendSpec, recipe: Recipe, seed: int,
@@ -180,7 +183,8 @@ def _train(p: Pipeline, spec: BackendSpec, recipe: Recipe, seed: int,
             curve: list[dict[str, float]] = []
             finite = True
             for step in range(p.steps):
-                batch = next(batches)
+                with em.phase_("control"):  # loading data is not part of the emulated step
+                    batch = next(batches)
                 loss = em.train_step(lambda b=batch: p.loss(model, b), optimizer, model)
                 point: dict[str, float] = {"step": step + 1, "loss": loss}
                 if not math.isfinite(loss):
