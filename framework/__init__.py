@@ -3,6 +3,7 @@
 from hwport.errors import FormatError, HwportError, PluginError, SpecError, UnknownNameError
 from hwport.formats import FloatFormat
 from hwport.hookspecs import hookimpl
+from hwport.pipeline import Pipeline
 from hwport.plugins import (
     get_backend,
     list_backends,
@@ -23,8 +24,37 @@ from hwport.spec import (
 __version__ = "0.1.0"
 
 __all__ = [
-    "BackendSpec", "Compute", "FloatFormat", "FormatError", "HwportError", "Interconnect",
-    "MemoryHierarchy", "MemoryTier", "PluginError", "PrecisionSemantics", "Rounding",
-    "SpecError", "UnknownNameError", "__version__", "get_backend", "hookimpl",
-    "list_backends", "load_spec", "plugin_failures", "quantize", "register_backend",
+    "BackendSpec",
+    "Compute",
+    "FloatFormat",
+    "FormatError",
+    "HwportError",
+    "Interconnect",
+    "MemoryHierarchy",
+    "MemoryTier",
+    "Pipeline",
+    "PluginError",
+    "PrecisionSemantics",
+    "Rounding",
+    "SpecError",
+    "UnknownNameError",
+    "__version__",
+    "compare",
+    "get_backend",
+    "hookimpl",
+    "list_backends",
+    "load_spec",
+    "plugin_failures",
+    "quantize",
+    "register_backend",
+    "run",
 ]
+
+
+def __getattr__(name: str) -> object:
+    # run and compare need torch: import it when they are first used, not with hwport
+    if name in ("run", "compare"):
+        from hwport import runner
+
+        return getattr(runner, name)
+    raise AttributeError(f"module 'hwport' has no attribute {name!r}")

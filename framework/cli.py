@@ -212,6 +212,188 @@ def formats_cmd(as_json: JsonFlag = False) -> None:
     out.print(table)
 
 
+# -- running pipelines -------------------------------------------------------------------
+OUTCOME_STYLE = {"converged": "green", "parity": "green", "degraded": "yellow",
+                 "stalled": "red", "diverged": "bold red", "broken": "bold red"}
+
+
+def _options(corpus: str | None, option: list[str] | None) -> dict[str, Any]:
+    opts: dict[str, Any] = {}
+    for item in option or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise HwportError(f"--option {item!r}: expected key=value")
+        try:
+            opts[key] = json.loads(value)
+        except json.JSONDecodeError:
+            opts[key] = value
+    if corpus is not None:
+        opts["corpus"] = corpus
+    return opts
+
+
+def _write_json(path: Path, data: Any) -> None:
+    text = json.dumps(data, indent=2, allow_nan=False) + "\n"
+    if str(path) == "-":
+        sys.stdout.write(text)
+        return
+    try:
+        path.write_text(text)
+    except OSError as e:
+        raise HwportError(f"--json {path}: cannot write ({e.strerror or e})") from None
+    err.print(f"wrote {escape(str(path))}", highlight=False)
+
+
+def _cell_text(r: Any) -> str:
+    """Outcome and headline numbers of one result, for a table cell."""
+    style = OUTCOME_STYLE.get(r.outcome, "")
+    m = r.metrics
+    if r.mode == "infer":
+        detail = f"top-1 {r.agreement.get('top1', math.nan):.3f}"
+    else:
+        detail = ", ".join(f"{k} {v:.4g}" for k, v in m.items() if k != "val_loss")
+        detail = detail or f"val_loss {m.get('val_loss', math.nan):.4g}"
+    flags = []
+    t = r.telemetry
+    overflow = sum(c["overflow"] for c in t["rounding"].values())
+    underflow = sum(c["underflow"] for c in t["rounding"].values())
+    if overflow:
+        flags.append(f"{overflow:,} overflow")
+    if underflow:
+        flags.append(f"{underflow:,} underflow")
+    if t["skipped_steps"]:
+        flags.append(f"{t['skipped_steps']} skipped")
+    if t["updates_attempted"]:
+        flags.append(f"{t['lost_update_fraction']:.0%} updates lost")
+    extra = f"\n[dim]{escape('; '.join(flags))}[/]" if flags else ""
+    return f"[{style}]{r.outcome}[/]\n{escape(detail)}{extra}"
+
+
+class _Bars:
+    """rich progress: one bar for the whole job, one for the cell in flight."""
+
+    def __init__(self, total: int) -> None:
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+        )
+
+        self.progress = Progress(TextColumn("{task.description}"), BarColumn(),
+                                 MofNCompleteColumn(), TimeElapsedColumn(), console=err,
+                                 transient=True, disable=not err.is_terminal)
+        self.total = self.progress.add_task("cells", total=total)
+        self.cell: Any = None
+
+    def __enter__(self) -> _Bars:
+        self.progress.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.progress.__exit__(None, None, None)
+
+    def on_cell(self, label: str, _: Any) -> Callable[[int, int], None]:
+        if self.cell is not None:
+            self.progress.remove_task(self.cell)
+            self.progress.advance(self.total)
+        self.cell = self.progress.add_task(label, total=None)
+
+        def step(done: int, total: int) -> None:
+            self.progress.update(self.cell, completed=done, total=total)
+
+        return step
+
+
+def _print_run(r: Any) -> None:
+    table = Table(title=f"{r.pipeline} {r.mode} on {r.backend} ({r.recipe}, seed {r.seed})",
+                  title_justify="left")
+    table.add_column("metric")
+    table.add_column(r.backend, justify="right")
+    table.add_column("reference", justify="right")
+    for k, v in r.metrics.items():
+        table.add_row(k, f"{v:.5g}", f"{r.reference_metrics.get(k, math.nan):.5g}")
+    for k, v in r.agreement.items():
+        table.add_row(f"agreement {k}", f"{v:.4g}", "")
+    out.print(table)
+    out.print(f"outcome: {_cell_text(r)}  ({r.wall_s:.1f} s)", highlight=False)
+    for note in r.lowering:
+        out.print(f"[dim]lowered: {escape(note)}[/]", highlight=False)
+
+
+@app.command()
+def run(
+    backend: Annotated[str, typer.Option("--backend", "-b", help="Backend name.")],
+    pipeline: Annotated[str, typer.Option("--pipeline", "-p",
+                                          help="Pipeline name or package.module:factory.")],
+    mode: Annotated[str, typer.Option(help="train or infer.")] = "train",
+    recipe: Annotated[str, typer.Option(help="Recipe name.")] = "amp-bf16",
+    steps: Annotated[int | None, typer.Option(help="Training steps (pipeline default).")] = None,
+    seed: Annotated[int, typer.Option(help="Seed of data, initialisation, rounding.")] = 0,
+    corpus: Annotated[str | None, typer.Option(help="Text file for the lm pipeline.")] = None,
+    option: Annotated[list[str] | None, typer.Option("--option", "-o",
+                                                     help="Pipeline option key=value.")] = None,
+    json_path: Annotated[Path | None, typer.Option("--json", help="Write the result as "
+                                                   "JSON to PATH (- for stdout).")] = None,
+) -> None:
+    """Run one pipeline on one backend and classify it against the reference."""
+    from hwport import runner
+
+    with _Bars(1) as bars:
+        result = runner.run(backend, pipeline, mode, recipe, steps=steps, seed=seed,
+                            options=_options(corpus, option), progress=bars.on_cell(
+                                f"{pipeline} {mode} on {backend}", None))
+    if json_path is not None:
+        _write_json(json_path, result.to_dict())
+    if json_path is None or str(json_path) != "-":
+        _print_run(result)
+
+
+def _split(value: str | None) -> list[str] | None:
+    return [v.strip() for v in value.split(",") if v.strip()] if value else None
+
+
+@app.command()
+def compare(
+    backends: Annotated[str | None, typer.Option(help="Comma-separated backends (all).")] = None,
+    pipelines: Annotated[str | None, typer.Option(help="Comma-separated pipelines "
+                                                  "(digits,lm).")] = None,
+    modes: Annotated[str, typer.Option(help="Comma-separated modes.")] = "train,infer",
+    recipe: Annotated[str, typer.Option(help="Recipe name.")] = "amp-bf16",
+    steps: Annotated[int | None, typer.Option(help="Training steps (pipeline default).")] = None,
+    seed: Annotated[int, typer.Option(help="Seed of data, initialisation, rounding.")] = 0,
+    json_path: Annotated[Path | None, typer.Option("--json", help="Write the comparison as "
+                                                   "JSON to PATH (- for stdout).")] = None,
+) -> None:
+    """Run pipelines x modes on every backend and print the outcomes side by side."""
+    from hwport import runner
+
+    names = _split(backends) or sorted(plugins.registry().backends)
+    pipes = _split(pipelines) or ["digits", "lm"]
+    mode_list = _split(modes) or list(runner.MODES)
+    with _Bars(len(names) * len(pipes) * len(mode_list)) as bars:
+        comparison = runner.compare(names, pipes, mode_list, recipe, steps=steps, seed=seed,
+                                    on_cell=bars.on_cell)
+    if json_path is not None:
+        _write_json(json_path, comparison.to_dict())
+    if json_path is not None and str(json_path) == "-":
+        return
+    table = Table(title=f"hwport compare: recipe {comparison.recipe}, seed {seed}",
+                  show_lines=True)
+    table.add_column("pipeline / mode")
+    for b in names:
+        table.add_column(b)
+    for p in pipes:
+        for m in mode_list:
+            row = [c for c in comparison.cells if c.pipeline == p and c.mode == m]
+            table.add_row(f"{p}\n{m}", *(_cell_text(c) for c in row))
+    out.print(table)
+    notes = {(c.backend, n) for c in comparison.cells for n in c.lowering}
+    for b, n in sorted(notes):
+        out.print(f"[dim]{b}: {escape(n)}[/]", highlight=False)
+
+
 def main() -> None:
     """Entry point of the ``hwport`` console script."""
     try:

@@ -162,6 +162,7 @@ class Emulator:
         self._known: dict[int, tuple[torch.Tensor, int, FloatFormat]] = {}
         self._copies: dict[tuple[int, str], tuple[torch.Tensor, int, torch.Tensor]] = {}
         self._param_ids: list[int] = []
+        self._outer: list[str] = []
         self._mode = _Mode(self)
 
     def _fmt(self, name: str | None) -> FloatFormat | None:
@@ -279,7 +280,7 @@ class Emulator:
 
     def dispatch(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         phase = self.phase
-        if phase == "control":
+        if phase == "control" or phase == "outside":
             return func(*args, **kwargs)
         kind = self.kind(func)
         if kind == "pass":
@@ -318,18 +319,18 @@ class Emulator:
         fmt = self.mm_bwd if backward else self.mm_fwd
         packet = func.overloadpacket
         positions = OPERANDS.get(packet, (0, 1, 2))
-        args = list(args)
+        operands = list(args)
         if fmt is not None:
             for i in positions:
-                if i < len(args) and _is_float(args[i]):
-                    args[i] = self._operand(args[i], fmt, i)
+                if i < len(operands) and _is_float(operands[i]):
+                    operands[i] = self._operand(operands[i], fmt, i)
         narrow = self.accumulator is not None or self.interval is not None
         if fmt is not None and narrow and packet in (aten.mm, aten.addmm, aten.bmm, aten.baddbmm):
-            out = self._accumulate(packet, args, kwargs)
+            out = self._accumulate(packet, operands, kwargs)
         else:
-            out = func(*args, **kwargs)
+            out = func(*operands, **kwargs)
         key = f"{self.phase}/matmul"
-        return self._round_outputs(func, tuple(args), kwargs, out, self.acts, key)
+        return self._round_outputs(func, tuple(operands), kwargs, out, self.acts, key)
 
     def _operand(self, x: torch.Tensor, fmt: FloatFormat, position: int) -> torch.Tensor:
         key = f"{self.phase}/matmul_input"
@@ -416,6 +417,26 @@ class Emulator:
             self.phase = old
 
     @contextlib.contextmanager
+    def model_only(self, model: torch.nn.Module) -> Iterator[None]:
+        """Emulate only inside ``model``'s forward: what the block computes from the model's
+        outputs (metrics, comparisons) is measurement, not part of the program."""
+        def enter(*_: Any) -> None:
+            self._outer.append(self.phase)
+            self.phase = "forward"
+
+        def leave(*_: Any) -> None:
+            self.phase = self._outer.pop()
+
+        hooks = [model.register_forward_pre_hook(enter), model.register_forward_hook(leave)]
+        old, self.phase = self.phase, "outside"
+        try:
+            yield
+        finally:
+            self.phase = old
+            for h in hooks:
+                h.remove()
+
+    @contextlib.contextmanager
     def active(self) -> Iterator[Emulator]:
         """Emulate every torch op in the block (native when the recipe needs nothing)."""
         if self.native:
@@ -447,7 +468,7 @@ class Emulator:
             scaled = loss * self.scale if self.scale != 1.0 else loss
         self._overflows_before = self._backward_overflows()
         with self.phase_("backward"):
-            scaled.backward()
+            scaled.backward()  # type: ignore[no-untyped-call]
         params = [p for p in model.parameters() if p.grad is not None]
         with self.phase_("control"), torch.no_grad():
             for p in params:
@@ -459,8 +480,8 @@ class Emulator:
                     for p in params:
                         assert p.grad is not None
                         p.grad.mul_(1.0 / self.scale)
-                for p, master in self._masters.items():
-                    p.data, self._masters[p] = master, p.data
+                for w, master in self._masters.items():
+                    w.data, self._masters[w] = master, w.data
         if not skip:
             self._params = {p.data_ptr() for p in model.parameters()}
             if self._update_is_native():
@@ -470,12 +491,12 @@ class Emulator:
                 with self.phase_("optimizer"):
                     optimizer.step()
             with self.phase_("control"), torch.no_grad():
-                for p, low in self._masters.items():
-                    master = p.data
+                for w, low in self._masters.items():
+                    master = w.data
                     low.copy_(master)
                     self.round_(low, self.weights, "optimizer/weights_cast")
-                    p.data, self._masters[p] = low, master
-                    self.mark(p, self.weights)
+                    w.data, self._masters[w] = low, master
+                    self.mark(w, self.weights)
         optimizer.zero_grad(set_to_none=True)
         self.step_index += 1
         self.end_step()
@@ -513,7 +534,7 @@ class Emulator:
         return False
 
 
-class _Mode(TorchDispatchMode):
+class _Mode(TorchDispatchMode):  # type: ignore[no-untyped-call]
     @classmethod
     def _should_skip_dynamo(cls) -> bool:
         # Emulated programs are never compiled, so __torch_dispatch__ needs no per-op
@@ -521,7 +542,7 @@ class _Mode(TorchDispatchMode):
         return False
 
     def __init__(self, emulator: Emulator) -> None:
-        super().__init__()
+        super().__init__()  # type: ignore[no-untyped-call]
         self.emulator = emulator
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:

@@ -15,6 +15,7 @@ import os
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -163,7 +164,7 @@ class _Trained:
 
 def _evaluate(p: Pipeline, model: torch.nn.Module, em: Emulator) -> dict[str, float]:
     try:
-        with em.phase_("forward"), torch.no_grad():
+        with em.model_only(model), torch.no_grad():
             return {k: float(v) for k, v in p.evaluate(model).items()}
     finally:
         em.end_step()
@@ -185,7 +186,7 @@ def _train(p: Pipeline, spec: BackendSpec, recipe: Recipe, seed: int,
             for step in range(p.steps):
                 with em.phase_("control"):  # loading data is not part of the emulated step
                     batch = next(batches)
-                loss = em.train_step(lambda b=batch: p.loss(model, b), optimizer, model)
+                loss = em.train_step(partial(p.loss, model, batch), optimizer, model)
                 point: dict[str, float] = {"step": step + 1, "loss": loss}
                 if not math.isfinite(loss):
                     finite = False
@@ -250,7 +251,7 @@ def run(backend: str | BackendSpec, pipeline: str | Pipeline | PipelineFactory,
     ref = _reference(p, seed, progress if spec.name == "reference" else None)
     if mode == "train":
         if spec.name == "reference" and rec.name == "fp32":
-            got, notes = ref, []
+            got, notes = ref, list[str]()
         else:
             got, notes = _train(p, spec, rec, seed, progress)
         outcome = rules.train(got.initial["val_loss"], got.metrics.get("val_loss", math.nan),
@@ -273,7 +274,7 @@ def _infer(p: Pipeline, spec: BackendSpec, rec: Recipe, seed: int, ref: _Trained
             ref_metrics = {k: float(v) for k, v in p.evaluate(model).items()}
         with em.active(), torch.no_grad():
             em.prepare(model)
-            with em.phase_("forward"):
+            with em.model_only(model):
                 logits = p.predict(model).double()
             metrics = _evaluate(p, model, em)
     finally:

@@ -68,7 +68,8 @@ class Block(nn.Module):
         att = att.masked_fill(mask, float("-inf")).softmax(dim=-1)
         y = (att @ v).transpose(1, 2).reshape(b, t, d)
         x = x + self.proj(y)
-        return x + self.out(F.gelu(self.fc(self.ln2(x))))
+        out: torch.Tensor = x + self.out(F.gelu(self.fc(self.ln2(x))))
+        return out
 
 
 class ByteLM(nn.Module):
@@ -84,7 +85,8 @@ class ByteLM(nn.Module):
         x = self.tok(idx) + self.pos(torch.arange(idx.shape[1]))
         for block in self.blocks:
             x = block(x)
-        return self.head(self.ln(x))
+        logits: torch.Tensor = self.head(self.ln(x))
+        return logits
 
 
 def pipeline(steps: int = 200, corpus: str | None = None, d_model: int = 64, heads: int = 4,
