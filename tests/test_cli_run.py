@@ -29,7 +29,7 @@ def test_run_train_json_to_stdout(cache: Path) -> None:
     r = hwport("run", "-b", "dojo", "-p", "digits", "--steps", "20", "--json", "-", cache=cache)
     assert r.returncode == 0, r.stderr
     data = json.loads(r.stdout)
-    assert RUN_KEYS <= data.keys()
+    assert data.keys() >= RUN_KEYS
     assert data["backend"] == "dojo" and data["mode"] == "train" and data["framework"] == "torch"
     assert data["outcome"] in ("converged", "degraded", "stalled", "diverged")
     assert len(data["curve"]) == 20 and data["curve"][-1]["step"] == 20
