@@ -419,6 +419,22 @@ class BackendSpec:
         """Build a spec from plain data; every bad field is named in one SpecError."""
         return _build(data, where)
 
+    @property
+    def capabilities(self) -> frozenset[str]:
+        """What the backend declares it has, as names tests can require: its features,
+        ``stochastic_rounding``, ``flush_to_zero``, ``format:<name>`` for each format,
+        ``matmul:<name>`` for each matmul input, ``collective:<op>`` for each collective."""
+        prec = self.precision
+        caps = set(prec.features)
+        caps |= {f"format:{f}" for f in prec.formats}
+        caps |= {f"matmul:{f}" for f in prec.matmul_inputs}
+        caps |= {f"collective:{op}" for op in self.interconnect.collectives}
+        if prec.stochastic_rounding:
+            caps.add("stochastic_rounding")
+        if prec.flush_to_zero:
+            caps.add("flush_to_zero")
+        return frozenset(caps)
+
     def summary(self) -> dict[str, Any]:
         """Headline figures: formats, tiers, interconnect and peaks, for tables."""
         ic = self.interconnect
