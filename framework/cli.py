@@ -394,6 +394,27 @@ def compare(
         out.print(f"[dim]{b}: {escape(n)}[/]", highlight=False)
 
 
+@app.command()
+def conformance(
+    backend: Annotated[str, typer.Argument(help="The backend to check.")],
+    report: Annotated[Path | None, typer.Option(help="Write a JSON report to PATH.")] = None,
+    xfail: Annotated[Path | None, typer.Option(help="Expected-failures file "
+                                               "('pattern  # reason' per line).")] = None,
+) -> None:
+    """Run the conformance suite on one backend (pytest --pyargs hwport.conformance)."""
+    import pytest
+
+    plugins.registry().get(backend)  # an unknown name fails here, listing the known ones
+    args = ["--pyargs", "hwport.conformance", "--hwport-backend", backend, "-q",
+            "-p", "no:cacheprovider", "-o", "addopts=", "-o", "testpaths="]
+    if report is not None:
+        args += ["--hwport-report", str(report)]
+    if xfail is not None:
+        args += ["--hwport-xfail", str(xfail)]
+    code = pytest.main(args)
+    raise typer.Exit(int(code))
+
+
 def main() -> None:
     """Entry point of the ``hwport`` console script."""
     try:

@@ -155,9 +155,8 @@ def test_builtin_backends_are_listed() -> None:
     assert set(BUILTIN) <= {s.name for s in hwport.list_backends()}
 
 
-@pytest.mark.parametrize("name", BUILTIN)
-def test_builtin_round_trips_through_dict(name: str) -> None:
-    s = spec(name)
+def test_round_trips_through_dict(hwport_backend: BackendSpec) -> None:
+    s = hwport_backend
     assert isinstance(s, BackendSpec)
     d = s.to_dict()
     assert BackendSpec.from_dict(d) == s
@@ -167,9 +166,8 @@ def test_builtin_round_trips_through_dict(name: str) -> None:
     assert BackendSpec.from_dict(json.loads(text)).to_dict() == d
 
 
-@pytest.mark.parametrize("name", BUILTIN)
-def test_builtin_figures_all_have_provenance(name: str) -> None:
-    s = spec(name)
+def test_figures_all_have_provenance(hwport_backend: BackendSpec) -> None:
+    s = hwport_backend
     assert s.unsourced() == []
     for figure in s.figures():
         kind, text = s.provenance(figure)  # type: ignore[misc]
@@ -637,3 +635,11 @@ def test_wrong_shape_in_toml_is_reported_with_its_line(tmp_path: Path) -> None:
     with pytest.raises(SpecError) as info:
         hwport.load_spec(file)
     assert f"{file}:{line}: precision.accumulators" in str(info.value)
+
+
+@pytest.mark.hwport_requires("stochastic_rounding")
+def test_stochastic_rounding_is_declared_with_its_bits(hwport_backend: BackendSpec) -> None:
+    """Runs only on backends that declare stochastic rounding (dojo, dataflow), by
+    capability: the spec must say how many random bits it uses."""
+    bits = hwport_backend.precision.stochastic_rounding_bits
+    assert bits is not None and 1 <= bits <= 24
