@@ -76,7 +76,7 @@ PASSTHROUGH = {
     aten.eq, aten.ne, aten.lt, aten.le, aten.gt, aten.ge, aten.isnan, aten.isinf,
     aten.isfinite, aten.logical_not, aten.logical_and, aten.logical_or, aten.abs, aten.neg,
     aten.sign, aten.set_, aten.resize_, aten.randperm, aten.bernoulli, aten.uniform_,
-    aten.normal_, aten.native_dropout, aten.alias, aten.unbind, aten.split,
+    aten.normal_, aten.alias, aten.unbind, aten.split,
     aten.split_with_sizes, aten.chunk, aten._unsafe_view, aten.expand, aten.randint,
     aten.unsqueeze, aten.squeeze, aten.reshape, aten.contiguous,
 }
@@ -295,10 +295,23 @@ class Emulator:
             return self._optimizer_op(func, args, kwargs)
         if kind == "matmul":
             return self._matmul(func, args, kwargs)
+        fmt = self._autocast_format(args) if self.recipe.autocast else self.acts
         out = func(*args, **kwargs)
         if kind == "fp32":
             return out
-        return self._round_outputs(func, args, kwargs, out, self.acts, f"{phase}/elementwise")
+        return self._round_outputs(func, args, kwargs, out, fmt, f"{phase}/elementwise")
+
+    def _autocast_format(self, args: tuple[Any, ...]) -> FloatFormat | None:
+        """autocast: an op computes in its inputs' precision, so its output is in the
+        activation format only if every (non-scalar) float input is; else fp32."""
+        seen = False
+        for a in args:
+            for t in (a if isinstance(a, list | tuple) else (a,)):
+                if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dim() > 0:
+                    if self.known(t) is not self.acts:
+                        return None
+                    seen = True
+        return self.acts if seen else None
 
     def _round_outputs(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any,
                        fmt: FloatFormat | None, key: str) -> Any:
@@ -342,8 +355,9 @@ class Emulator:
         amax_now = float(x.detach().abs().max()) if x.numel() else 0.0
         hist = self._amax.setdefault(site, [])
         amax = amax_now if scaling.history == 0 or not hist else max(hist)
-        hist.append(amax_now)
-        del hist[:-max(scaling.history, 1)]
+        if not self._outer:  # evaluation passes use the scales, they do not update them
+            hist.append(amax_now)
+            del hist[:-max(scaling.history, 1)]
         if not math.isfinite(amax) or amax == 0:
             return self.rounded(x, fmt, key)
         s = fmt.max / amax / 2.0**scaling.margin
@@ -363,7 +377,7 @@ class Emulator:
             bias, a, b, beta, alpha = None, args[0], args[1], 0, 1
         k = a.shape[-1]
         group = self.interval or 32
-        acc = torch.zeros(*a.shape[:-1], b.shape[-1], dtype=a.dtype)
+        acc = torch.zeros(*a.shape[:-1], b.shape[-1], dtype=a.dtype, device=a.device)
         fmt = self.accumulator
         for k0 in range(0, k, group):
             acc += a[..., k0:k0 + group] @ b[..., k0:k0 + group, :]
@@ -394,10 +408,15 @@ class Emulator:
             self.round_(t, fmt, "optimizer/weights", rounding)
             self.telemetry.updates_attempted += int(exact_changed.sum())
             self.telemetry.updates_lost += int((exact_changed & (t == old)).sum())
-        state = [t for t in targets if t.data_ptr() not in self._params and t.is_floating_point()]
+        # optimizer state: not parameters, not scalars (a step counter stays exact, as in
+        # every mixed-precision optimizer)
+        state = [t for t in targets if t.data_ptr() not in self._params
+                 and t.is_floating_point() and t.dim() > 0]
         if targets:
             for t in state:
                 self.round_(t, self.state, "optimizer/state")
+            return out
+        if isinstance(out, torch.Tensor) and out.dim() == 0:
             return out
         return self._round_outputs(func, args, kwargs, out, self.state, "optimizer/state")
 
@@ -423,6 +442,7 @@ class Emulator:
         def enter(*_: Any) -> None:
             self._outer.append(self.phase)
             self.phase = "forward"
+            self._site = 0
 
         def leave(*_: Any) -> None:
             self.phase = self._outer.pop()
@@ -464,11 +484,11 @@ class Emulator:
         with self.phase_("forward"):
             loss = loss_fn()
         value = float(loss.detach())
-        with self.phase_("control"):
-            scaled = loss * self.scale if self.scale != 1.0 else loss
         self._overflows_before = self._backward_overflows()
         with self.phase_("backward"):
-            scaled.backward()  # type: ignore[no-untyped-call]
+            # the scale enters as the loss's gradient (GradScaler multiplies the fp32 loss;
+            # no fp16 op ever holds the scale itself)
+            loss.backward(torch.full_like(loss, self.scale))  # type: ignore[no-untyped-call]
         params = [p for p in model.parameters() if p.grad is not None]
         with self.phase_("control"), torch.no_grad():
             for p in params:
@@ -508,7 +528,9 @@ class Emulator:
         return target is None and self.state is None
 
     def _backward_overflows(self) -> int:
-        return sum(c.overflow for k, c in self.telemetry.rounding.items()
+        """Overflow and invalid (inf/NaN) events while computing gradients: what hardware
+        exception flags would report."""
+        return sum(c.overflow + c.nonfinite for k, c in self.telemetry.rounding.items()
                    if k.startswith("backward/"))
 
     def _loss_scaling(self, params: list[torch.nn.Parameter]) -> bool:

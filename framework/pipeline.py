@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import inspect
 import json
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -82,6 +83,15 @@ class PipelineFactory:
     build: Callable[..., Pipeline]
 
 
+def check_options(name: str, fn: Callable[..., Any], options: dict[str, Any]) -> None:
+    """Raise a clear error unless ``fn`` accepts ``options`` as keyword arguments."""
+    try:
+        inspect.signature(fn).bind(**options)
+    except TypeError as e:
+        raise HwportError(f"pipeline {name!r} does not take these options {sorted(options)}: "
+                          f"{e}") from None
+
+
 def load_factory(ref: str) -> PipelineFactory:
     """``package.module:function`` as a pipeline factory."""
     module_name, _, attr = ref.partition(":")
@@ -89,8 +99,9 @@ def load_factory(ref: str) -> PipelineFactory:
         raise HwportError(f"pipeline reference {ref!r}: expected 'package.module:factory'")
     try:
         module = importlib.import_module(module_name)
-    except ImportError as e:
-        raise HwportError(f"pipeline reference {ref!r}: cannot import {module_name!r}: {e}") from e
+    except Exception as e:  # any failure of the user's module, reported where it happened
+        raise HwportError(f"pipeline reference {ref!r}: importing {module_name!r} failed: "
+                          f"{type(e).__name__}: {e}") from e
     fn = getattr(module, attr, None)
     if not callable(fn):
         raise HwportError(f"pipeline reference {ref!r}: {module_name} has no callable {attr!r}")

@@ -58,7 +58,10 @@ class Recipe:
 
     ``matmul_input`` is the format of matmul operands in forward (``matmul_input_backward``
     in backward); ``activations`` of every other op's output (and matmul outputs), except op
-    groups in ``fp32_ops`` which compute and store in fp32. ``weights`` is the format the
+    groups in ``fp32_ops`` which compute and store in fp32. With ``autocast`` (torch.autocast
+    semantics) an op other than a matmul computes in its inputs' precision: its output is in
+    ``activations`` only when every input already is, else it stays fp32 (a residual stream
+    or a scaled loss stays fp32). ``weights`` is the format the
     model's parameters are stored in for compute; ``master_weights`` (None: no master copy)
     the format the optimizer updates; ``gradients`` and ``optimizer_state`` likewise.
     ``update_rounding`` rounds the results of optimizer updates (nearest or stochastic).
@@ -78,6 +81,7 @@ class Recipe:
     loss_scaling: LossScaling | None = None
     fp8_scaling: FP8Scaling | None = None
     kahan_updates: bool = False
+    autocast: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "fp32_ops", tuple(self.fp32_ops))
@@ -112,18 +116,18 @@ _AMP = ("softmax", "normalization", "loss")
 
 BUILTIN: tuple[Recipe, ...] = (
     Recipe("fp32", "everything in fp32: the reference recipe"),
-    Recipe("amp-bf16", "bf16 autocast: bf16 matmuls and activations, fp32 softmax/norms/loss, "
-           "fp32 master weights, gradients and optimizer state",
-           matmul_input="bf16", activations="bf16", fp32_ops=_AMP, weights="bf16",
-           master_weights="fp32"),
-    Recipe("amp-fp16", "fp16 autocast with dynamic loss scaling (GradScaler defaults: 2**16, "
-           "x2 every 2000 finite steps, x0.5 and skip on inf/NaN), fp32 master weights",
-           matmul_input="fp16", activations="fp16", fp32_ops=_AMP, weights="fp16",
-           master_weights="fp32", loss_scaling=LossScaling()),
+    Recipe("amp-bf16", "torch.autocast with bf16: fp32 parameters, gradients and optimizer "
+           "state; matmuls in bf16; softmax, norms and loss in fp32; other ops in their "
+           "inputs' precision", matmul_input="bf16", activations="bf16", fp32_ops=_AMP,
+           autocast=True),
+    Recipe("amp-fp16", "torch.autocast with fp16 and dynamic loss scaling (GradScaler "
+           "defaults: 2**16, x2 every 2000 finite steps, x0.5 and skip on inf/NaN)",
+           matmul_input="fp16", activations="fp16", fp32_ops=_AMP, autocast=True,
+           loss_scaling=LossScaling()),
     Recipe("fp8-hybrid", "FP8 matmuls, E4M3 forward and E5M2 backward, per-tensor delayed "
-           "scaling with an amax history; bf16 activations, fp32 master weights",
+           "scaling with an amax history (Transformer Engine); bf16 autocast elsewhere",
            matmul_input="e4m3fn", matmul_input_backward="e5m2", activations="bf16",
-           fp32_ops=_AMP, weights="bf16", master_weights="fp32", fp8_scaling=FP8Scaling()),
+           fp32_ops=_AMP, autocast=True, fp8_scaling=FP8Scaling()),
     Recipe("pure-bf16", "everything in bf16 (weights, gradients, optimizer state), no master "
            "weights, weight updates rounded to nearest",
            matmul_input="bf16", activations="bf16", weights="bf16", gradients="bf16",

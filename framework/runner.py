@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
@@ -24,7 +25,7 @@ import torch
 from hwport import plugins
 from hwport.engine import Emulator
 from hwport.errors import HwportError
-from hwport.pipeline import Pipeline, PipelineFactory
+from hwport.pipeline import Pipeline, PipelineFactory, check_options
 from hwport.recipes import Recipe, lower
 from hwport.spec import BackendSpec
 
@@ -133,11 +134,8 @@ def resolve_pipeline(pipeline: str | Pipeline | PipelineFactory, steps: int | No
         return pipeline
     factory = pipeline if isinstance(pipeline, PipelineFactory) else \
         plugins.registry().pipeline(pipeline)
-    try:
-        built = factory.build(**options)
-    except TypeError as e:
-        raise HwportError(f"pipeline {factory.name!r} does not take these options "
-                          f"{sorted(options)}: {e}") from None
+    check_options(factory.name, factory.build, options)
+    built = factory.build(**options)
     if not isinstance(built, Pipeline):
         raise HwportError(f"pipeline factory {factory.name!r} returned "
                           f"{type(built).__name__}, not a hwport.Pipeline")
@@ -225,11 +223,15 @@ def _reference(p: Pipeline, seed: int, progress: Progress | None = None) -> _Tra
     trained, _ = _train(p, plugins.get_backend("reference"), plugins.registry().recipe("fp32"),
                         seed, progress)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save({"state": trained.model.state_dict(), "curve": trained.curve,
-                "metrics": trained.metrics, "initial": trained.initial,
-                "telemetry": trained.telemetry, "finite": trained.finite}, tmp)
-    tmp.replace(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.stem, suffix=".tmp")
+    os.close(fd)
+    try:  # written under a name of its own, then renamed: concurrent runs never clash
+        torch.save({"state": trained.model.state_dict(), "curve": trained.curve,
+                    "metrics": trained.metrics, "initial": trained.initial,
+                    "telemetry": trained.telemetry, "finite": trained.finite}, tmp)
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
     _REFERENCE[key] = trained
     return trained
 

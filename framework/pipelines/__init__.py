@@ -9,18 +9,20 @@ from __future__ import annotations
 from typing import Any
 
 from hwport.hookspecs import hookimpl
-from hwport.pipeline import Pipeline, PipelineFactory
+from hwport.pipeline import Pipeline, PipelineFactory, check_options
 
 
 def _digits(**options: Any) -> Pipeline:
     from hwport.pipelines import digits
 
+    check_options("digits", digits.pipeline, options)
     return digits.pipeline(**options)
 
 
 def _lm(**options: Any) -> Pipeline:
     from hwport.pipelines import lm
 
+    check_options("lm", lm.pipeline, options)
     return lm.pipeline(**options)
 
 

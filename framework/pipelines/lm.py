@@ -97,8 +97,8 @@ def pipeline(steps: int = 200, corpus: str | None = None, d_model: int = 64, hea
     split = int(len(data) * 0.9)
     train, val = data[:split], data[split:]
     if len(val) <= context * eval_windows:
-        raise HwportError(f"lm corpus: too small for {eval_windows} validation windows of "
-                          f"{context + 1} bytes")
+        raise HwportError(f"lm corpus {corpus or 'stdlib'!r}: too small for {eval_windows} "
+                          f"validation windows of {context + 1} bytes")
     starts = torch.linspace(0, len(val) - context - 2, eval_windows).long()
     vx = torch.stack([val[s:s + context] for s in starts])
     vy = torch.stack([val[s + 1:s + context + 1] for s in starts])
