@@ -57,7 +57,7 @@ def selected_backends(config: pytest.Config) -> list[str]:
         return sorted(reg.backends)
     for n in names:
         reg.get(n)  # an unknown name is an error that lists the known ones
-    return names
+    return list(dict.fromkeys(names))
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
@@ -94,15 +94,31 @@ def read_xfail(path: Path) -> list[tuple[str, str]]:
     return out
 
 
+def _matches(item: pytest.Item, pattern: str) -> bool:
+    """A test id (exactly, or its last part) or an fnmatch pattern over either."""
+    if pattern in (item.nodeid, item.name) or item.nodeid.endswith("::" + pattern):
+        return True
+    return fnmatch.fnmatchcase(item.nodeid, pattern) or fnmatch.fnmatchcase(item.name, pattern)
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     path = config.getoption("--hwport-xfail", default=None)
     if not path:
         return
+    unmatched = []
     for pattern, reason in read_xfail(Path(path)):
-        for item in items:
-            if fnmatch.fnmatchcase(item.nodeid, pattern) or fnmatch.fnmatchcase(item.name,
-                                                                                pattern):
-                item.add_marker(pytest.mark.xfail(reason=reason, strict=True))
+        hits = [item for item in items if _matches(item, pattern)]
+        for item in hits:
+            item.add_marker(pytest.mark.xfail(reason=reason, strict=True))
+        if not hits:
+            unmatched.append(pattern)
+    config.stash[_UNMATCHED] = unmatched
+
+
+def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
+    for pattern in config.stash.get(_UNMATCHED, []):
+        terminalreporter.write_line(f"hwport: expected failure {pattern!r} matches no test "
+                                    "(a typo, or a test that was renamed?)", yellow=True)
 
 
 class _Report:
@@ -113,20 +129,22 @@ class _Report:
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
         if report.when == "call" or (report.when == "setup" and report.outcome != "passed"):
             outcome = report.outcome
-            if hasattr(report, "wasxfail"):
+            message = str(report.longrepr)[-2000:] if report.failed or report.skipped else ""
+            if hasattr(report, "wasxfail"):  # the reason, then what failed
                 outcome = "xfailed" if report.skipped else "xpassed"
+                message = f"expected failure: {report.wasxfail}\n{message}"
             self.tests.append({"test": report.nodeid, "outcome": outcome,
-                               "duration_s": round(report.duration, 4),
-                               "message": str(report.longrepr)[-2000:] if report.failed
-                               or report.skipped else ""})
+                               "duration_s": round(report.duration, 4), "message": message})
 
     def pytest_sessionfinish(self, session: pytest.Session, exitstatus: int) -> None:
         summary: dict[str, int] = {}
         for t in self.tests:
             summary[t["outcome"]] = summary.get(t["outcome"], 0) + 1
         data = {"backends": selected_backends(session.config), "exit_status": int(exitstatus),
-                "summary": summary, "tests": self.tests}
+                "summary": summary, "tests": self.tests,
+                "unmatched_expected_failures": session.config.stash.get(_UNMATCHED, [])}
         self.path.write_text(json.dumps(data, indent=2))
 
 
 _REPORT = pytest.StashKey[_Report]()
+_UNMATCHED = pytest.StashKey[list[str]]()
