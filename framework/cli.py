@@ -402,17 +402,17 @@ def conformance(
                                                "('pattern  # reason' per line).")] = None,
 ) -> None:
     """Run the conformance suite on one backend (pytest --pyargs hwport.conformance)."""
-    import pytest
+    import subprocess
 
     plugins.registry().get(backend)  # an unknown name fails here, listing the known ones
-    args = ["--pyargs", "hwport.conformance", "--hwport-backend", backend, "-q",
-            "-p", "no:cacheprovider", "-o", "addopts=", "-o", "testpaths="]
+    args = [sys.executable, "-m", "pytest", "--pyargs", "hwport.conformance",
+            "--hwport-backend", backend, "-q", "-p", "no:cacheprovider", "-o", "addopts=",
+            "-o", "testpaths="]
     if report is not None:
         args += ["--hwport-report", str(report)]
     if xfail is not None:
         args += ["--hwport-xfail", str(xfail)]
-    code = pytest.main(args)
-    raise typer.Exit(int(code))
+    raise typer.Exit(subprocess.run(args).returncode)  # a fresh interpreter for pytest
 
 
 def main() -> None:
