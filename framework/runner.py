@@ -44,9 +44,11 @@ class OutcomeRules:
     ``(L_0 - L) / (L_0 - L_ref)``; else *stalled*.
 
     Inference, on the outputs against the reference model's: *broken* if any output is
-    NaN/inf or top-1 agreement is below ``broken_agreement``; *parity* if agreement is at
-    least ``parity_agreement`` and the validation loss is within ``parity_loss_tolerance``
-    (relative) of the reference's; else *degraded*.
+    NaN/inf or top-1 agreement is below ``broken_agreement``; *parity* if the validation
+    loss is within ``parity_loss_tolerance`` (relative) of the reference's and the outputs
+    agree: top-1 agreement at least ``parity_agreement``, or a mean KL divergence from the
+    reference's output distribution of at most ``parity_kl`` nats (near-ties flip the top-1
+    choice of a wide softmax without changing the distribution); else *degraded*.
     """
 
     converged_tolerance: float = 0.05
@@ -54,6 +56,7 @@ class OutcomeRules:
     parity_agreement: float = 0.99
     parity_loss_tolerance: float = 0.02
     broken_agreement: float = 0.9
+    parity_kl: float = 1e-3
 
     def train(self, initial: float, final: float, reference: float, finite: bool) -> str:
         if not finite or not math.isfinite(final) or final > initial:
@@ -63,11 +66,12 @@ class OutcomeRules:
         progress = (initial - final) / max(initial - reference, 1e-12)
         return "degraded" if progress >= self.degraded_progress else "stalled"
 
-    def infer(self, agreement: float, loss: float, reference: float, finite: bool) -> str:
+    def infer(self, agreement: float, loss: float, reference: float, finite: bool,
+              kl: float = math.inf) -> str:
         if not finite or not math.isfinite(loss) or agreement < self.broken_agreement:
             return "broken"
-        if agreement >= self.parity_agreement and \
-                abs(loss - reference) <= self.parity_loss_tolerance * abs(reference):
+        outputs_agree = agreement >= self.parity_agreement or kl <= self.parity_kl
+        if outputs_agree and abs(loss - reference) <= self.parity_loss_tolerance * abs(reference):
             return "parity"
         return "degraded"
 
@@ -288,7 +292,8 @@ def _infer(p: Pipeline, spec: BackendSpec, rec: Recipe, seed: int, ref: _Trained
     logp_ref = torch.log_softmax(ref_logits, -1)
     logp = torch.log_softmax(logits, -1)
     kl = float((logp_ref.exp() * (logp_ref - logp)).sum(-1).mean()) if finite else math.inf
-    outcome = rules.infer(agree, metrics.get("val_loss", math.nan), ref_metrics["val_loss"], finite)
+    outcome = rules.infer(agree, metrics.get("val_loss", math.nan), ref_metrics["val_loss"],
+                          finite, kl)
     return RunResult(spec.name, p.name, "infer", rec.name, seed, p.steps, outcome, metrics,
                      ref_metrics, [], em.telemetry.to_dict(), list(lowered.notes),
                      time.perf_counter() - t0, agreement={"top1": agree, "kl": kl})

@@ -273,10 +273,15 @@ def test_outcome_rules_infer() -> None:
     assert exact.infer(1.0, 0.75, ref, True) == "parity"
     assert exact.infer(1.0, math.nextafter(1.25, math.inf), ref, True) == "degraded"
     assert exact.infer(1.0, 5.0, 4.0, True) == "parity"
+    # outputs agree by distribution when near-ties flip the top-1 choice
+    assert rules.infer(0.95, ref, ref, True, kl=rules.parity_kl) == "parity"
+    assert rules.infer(0.95, ref, ref, True, kl=2 * rules.parity_kl) == "degraded"
+    assert rules.infer(0.95, 1.1, ref, True, kl=0.0) == "degraded"  # the loss still counts
+    assert rules.infer(0.5, ref, ref, True, kl=0.0) == "broken"
 
 
 def test_custom_rules_reach_the_result() -> None:
-    strict = OutcomeRules(parity_agreement=1.0, parity_loss_tolerance=0.0)
+    strict = OutcomeRules(parity_agreement=1.0, parity_loss_tolerance=0.0, parity_kl=0.0)
     r = runner.run("simgpu", "digits", "infer", "fp8-hybrid", steps=30, rules=strict)
     assert r.outcome == "degraded"
 
