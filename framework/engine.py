@@ -35,7 +35,7 @@ from hwport.rounding import (
     _quantize_torch,
     _torch_xp,
     kernel_params,
-    round_inplace,
+    round_into,
 )
 
 aten = torch.ops.aten
@@ -175,10 +175,11 @@ class Emulator:
     # -- rounding -------------------------------------------------------------------------
     def round_(self, t: torch.Tensor, fmt: FloatFormat | None, key: str,
                rounding: Rounding = Rounding.NEAREST,
-               saturate: bool | None = None) -> torch.Tensor:
-        """Round ``t`` into ``fmt`` in place (a no-op for fp32); counts go to ``key``."""
+               saturate: bool | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Round ``t`` into ``fmt`` in place, or into ``out`` (contiguous, like ``t``) and
+        return that; a no-op for fp32. Counts go to ``key``."""
         if fmt is None or not t.is_floating_point() or t.numel() == 0:
-            return t
+            return t if out is None else out.copy_(t)
         width = 64 if t.dtype == torch.float64 else 32
         seed = None
         if rounding is Rounding.STOCHASTIC:
@@ -187,10 +188,13 @@ class Emulator:
         p = kernel_params(fmt, width, rounding, seed, saturate, 23)
         if t.device.type == "cpu" and t.dtype in (torch.float32, torch.float64) \
                 and t.is_contiguous():
-            counts = round_inplace(t.detach().numpy(), p)
+            dst = t if out is None else out
+            counts = round_into(t.detach().numpy(), dst.detach().numpy(), p)
             self.telemetry.rounding[key].add(t.numel(), counts)
-            self.mark(t, fmt)
-            return t
+            self.mark(dst, fmt)
+            return dst
+        if out is not None:
+            t = out.copy_(t)
         src = t.detach().to(torch.float64 if width == 64 else torch.float32).contiguous()
         q = _torch_xp(src, p) if t.device.type != "cpu" else _quantize_torch(
             src, fmt, rounding, seed, saturate, 23)
@@ -218,8 +222,11 @@ class Emulator:
         if hit is not None and hit[0] is root and hit[1] == root._version:
             copy = hit[2]
         else:
-            copy = self.round_(root.detach().clone(memory_format=torch.preserve_format),
-                               fmt, key)
+            src = root.detach()
+            if src.is_contiguous():  # one pass: read the source, write the rounded copy
+                copy = self.round_(src, fmt, key, out=torch.empty_like(src))
+            else:
+                copy = self.round_(src.clone(memory_format=torch.preserve_format), fmt, key)
             if copy.stride() != root.stride():  # not dense: round just this view
                 return self.round_(t.detach().clone(memory_format=torch.contiguous_format),
                                    fmt, key)

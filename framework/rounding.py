@@ -457,12 +457,18 @@ def _quantize_numpy(x: Any, fmt: FloatFormat, mode: Rounding, seed: int | None,
 def round_inplace(arr: np.ndarray, p: KernelParams) -> tuple[int, int, int]:
     """Round a C-contiguous float32/float64 array in place; returns the counts of
     (finite values that overflowed, nonzero values that became zero, inf/NaN inputs)."""
+    return round_into(arr, arr, p)
+
+
+def round_into(src: np.ndarray, arr: np.ndarray, p: KernelParams) -> tuple[int, int, int]:
+    """Write ``src`` rounded into ``arr`` (C-contiguous, same shape and dtype; may be
+    ``src``); returns the counts of :func:`round_inplace`."""
     if _kernels is not None:
         counts: tuple[int, int, int] = _kernels.quantize(
-            arr, arr, p.width, p.m, p.emin, p.esub, p.ftz, p.gap, p.overflow, p.mode, p.rbits,
+            src, arr, p.width, p.m, p.emin, p.esub, p.ftz, p.gap, p.overflow, p.mode, p.rbits,
             p.max_bits, p.inf_bits, p.maxsub_bits, p.minnorm_bits, p.nan_bits, p.key0, p.key1)
         return counts
-    before = arr.copy()  # pragma: no cover - the C kernel is missing
+    before = src.copy()  # pragma: no cover - the C kernel is missing
     arr[...] = quantize_xp_numpy(before, p)
     finite = np.isfinite(before)
     top = np.array([p.max_bits], np.uint32 if p.width == 32 else np.uint64).view(arr.dtype)[0]
