@@ -152,7 +152,7 @@ NAME##_fast(UINT a, uint32_t idx, int s, int R, UINT mask, UINT half1, uint32_t 
     return (UINT)((a & ~mask) + (((r + frac) >> R) << s));                                  \
 }                                                                                           \
 static inline __attribute__((always_inline)) void                                           \
-NAME##_block(const UINT *src, UINT *restrict dst, Py_ssize_t n, uint64_t base,              \
+NAME##_block(const UINT *src, UINT *dst, Py_ssize_t n, uint64_t base,                       \
              const params_t *p, const int mode, counts_t *c) {                              \
     const UINT signbit = (UINT)1 << (sizeof(UINT) * 8 - 1);                                 \
     const UINT emin_pat = (UINT)(p->emin + CB) << CM;                                       \
@@ -160,21 +160,25 @@ NAME##_block(const UINT *src, UINT *restrict dst, Py_ssize_t n, uint64_t base,  
     const UINT mask = s ? (UINT)(((UINT)1 << s) - 1) : 0, maxb = (UINT)p->max_bits;         \
     const UINT half1 = s ? (UINT)(((UINT)1 << (s - 1)) - 1) : 0;                            \
     const uint32_t k0 = p->key0, k1 = p->key1, base32 = (uint32_t)base;                     \
-    unsigned char special[BLOCK];                                                           \
-    unsigned char bad = 0;                                                                  \
-    UINT orig[BLOCK]; /* the input, so that dst may be src (rounding in place) */           \
-    memcpy(orig, src, (size_t)n * sizeof(UINT));                                            \
+    /* Special elements: nonzero below the normal range, or beyond max (inf and NaN too);  \
+     * a magnitude up to max never rounds past it, since max is a value of the format and  \
+     * rounding is monotonic. Pass 1 writes them back unchanged, so that dst may be src;   \
+     * pass 2 finds them by the same test (a rounded value is never special) and rounds   \
+     * them one by one. */                                                                 \
+    UINT bad = 0;                                                                           \
     for (Py_ssize_t j = 0; j < n; j++) {                                                    \
-        UINT u = orig[j], a = u & ~signbit;                                                 \
+        UINT u = src[j], a = u & ~signbit;                                                  \
         UINT res = NAME##_fast(a, base32 + (uint32_t)j, s, R, mask, half1, k0, k1, mode);   \
-        unsigned char sp = ((UINT)(a - 1) < (UINT)(emin_pat - 1)) | (a > maxb) | (res > maxb); \
-        special[j] = sp;                                                                    \
+        UINT sp = ((UINT)(a - 1) < (UINT)(emin_pat - 1)) | (a > maxb);                      \
         bad |= sp;                                                                          \
-        dst[j] = (u & signbit) | res;                                                       \
+        dst[j] = sp ? u : ((u & signbit) | res);                                            \
     }                                                                                       \
     if (!bad) return;                                                                       \
-    for (Py_ssize_t j = 0; j < n; j++)                                                      \
-        if (special[j]) dst[j] = NAME##_one(orig[j], base + j, p, mode, c);                 \
+    for (Py_ssize_t j = 0; j < n; j++) {                                                    \
+        UINT u = dst[j], a = u & ~signbit;                                                  \
+        if ((UINT)(a - 1) < (UINT)(emin_pat - 1) || a > maxb)                               \
+            dst[j] = NAME##_one(u, base + j, p, mode, c);                                   \
+    }                                                                                       \
 }                                                                                           \
 TARGETS static void NAME(const UINT *src, UINT *dst, Py_ssize_t n, const params_t *p,       \
                          counts_t *c) {                                                     \
