@@ -19,6 +19,7 @@ it is native execution, the yardstick.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 from collections import defaultdict
 from collections.abc import Callable, Iterator
@@ -62,23 +63,23 @@ FP32_GROUPS = {
              aten.binary_cross_entropy_with_logits, aten.smooth_l1_loss,
              aten.smooth_l1_loss_backward, aten.huber_loss, aten.huber_loss_backward},
 }
-# ops that move or select values without computing new ones: never rounded
+# Ops that move, select or copy the values of their first argument (and, for cat/stack,
+# of every tensor in it), or introduce only zeros, ones and signs: never rounded, and
+# their output holds a format its input is known to hold. Ops that write other values
+# (full, fill_, masked_fill, clamp, where, padding, scatters) are compute ops.
 PASSTHROUGH = {
     aten.detach, aten.clone, aten.copy_, aten._to_copy, aten.lift_fresh, aten.lift_fresh_copy,
     aten.empty, aten.empty_like, aten.empty_strided, aten.new_empty, aten.new_empty_strided,
     aten.zeros, aten.zeros_like, aten.new_zeros, aten.ones, aten.ones_like, aten.new_ones,
-    aten.full, aten.full_like, aten.new_full, aten.fill_, aten.zero_, aten.scalar_tensor,
-    aten.arange, aten._local_scalar_dense, aten.cat, aten.stack, aten.index_select,
-    aten.gather, aten.embedding, aten.index, aten.slice_scatter, aten.select_scatter,
-    aten.masked_fill, aten.where, aten.constant_pad_nd, aten.repeat, aten.tril, aten.triu,
-    aten.flip, aten.roll, aten.clamp, aten.relu, aten.threshold_backward, aten.max,
-    aten.min, aten.amax, aten.amin, aten.argmax, aten.argmin, aten.topk, aten.sort,
-    aten.eq, aten.ne, aten.lt, aten.le, aten.gt, aten.ge, aten.isnan, aten.isinf,
-    aten.isfinite, aten.logical_not, aten.logical_and, aten.logical_or, aten.abs, aten.neg,
-    aten.sign, aten.set_, aten.resize_, aten.randperm, aten.bernoulli, aten.uniform_,
-    aten.normal_, aten.alias, aten.unbind, aten.split,
-    aten.split_with_sizes, aten.chunk, aten._unsafe_view, aten.expand, aten.randint,
-    aten.unsqueeze, aten.squeeze, aten.reshape, aten.contiguous,
+    aten.zero_, aten.arange, aten._local_scalar_dense, aten.cat, aten.stack,
+    aten.index_select, aten.gather, aten.embedding, aten.index, aten.repeat, aten.tril,
+    aten.triu, aten.flip, aten.roll, aten.relu, aten.threshold_backward, aten.max, aten.min,
+    aten.amax, aten.amin, aten.argmax, aten.argmin, aten.topk, aten.sort, aten.eq, aten.ne,
+    aten.lt, aten.le, aten.gt, aten.ge, aten.isnan, aten.isinf, aten.isfinite,
+    aten.logical_not, aten.logical_and, aten.logical_or, aten.abs, aten.neg, aten.sign,
+    aten.set_, aten.resize_, aten.randperm, aten.bernoulli, aten.uniform_, aten.normal_,
+    aten.alias, aten.unbind, aten.split, aten.split_with_sizes, aten.chunk, aten._unsafe_view,
+    aten.expand, aten.randint, aten.unsqueeze, aten.squeeze, aten.reshape, aten.contiguous,
 }
 
 
@@ -134,6 +135,7 @@ class Emulator:
         recipe = lowered.recipe
         self.recipe = recipe
         self.seed = seed
+        self.rbits = self.spec.precision.stochastic_rounding_bits or 23
         self.telemetry = Telemetry()
         fmt = self._fmt
         self.mm_fwd, self.mm_bwd = fmt(recipe.matmul_input), fmt(recipe.backward_input)
@@ -166,10 +168,13 @@ class Emulator:
         self._mode = _Mode(self)
 
     def _fmt(self, name: str | None) -> FloatFormat | None:
-        """The format called ``name``, or None where it is fp32 (no rounding needed)."""
+        """The format called ``name`` as the backend computes in it (flushing subnormal
+        results on flush-to-zero hardware), or None for fp32 without flushing."""
         if name is None:
             return None
         f = self.spec.format(name)
+        if self.spec.precision.flush_to_zero and f.subnormals:
+            return dataclasses.replace(f, name=f"{f.name}_ftz", subnormals=False)
         return None if (f.exponent_bits, f.mantissa_bits, f.bias) == (8, 23, 127) else f
 
     # -- rounding -------------------------------------------------------------------------
@@ -185,7 +190,7 @@ class Emulator:
         if rounding is Rounding.STOCHASTIC:
             self.op_index += 1
             seed = (self.seed * 1_000_003 + self.step_index) * 1_000_033 + self.op_index
-        p = kernel_params(fmt, width, rounding, seed, saturate, 23)
+        p = kernel_params(fmt, width, rounding, seed, saturate, self.rbits)
         if t.device.type == "cpu" and t.dtype in (torch.float32, torch.float64) \
                 and t.is_contiguous():
             dst = t if out is None else out
@@ -274,11 +279,13 @@ class Emulator:
             packet = func.overloadpacket
             schema = func._schema
             aliasing = any(r.alias_info is not None for r in schema.returns)
+            out_variant = any(a.is_out for a in schema.arguments)  # writes into out=
             if packet in MATMUL:
                 kind = "matmul"
             elif packet in self.fp32_ops:
                 kind = "fp32"
-            elif packet in PASSTHROUGH or (aliasing and torch.Tag.inplace not in func.tags):
+            elif packet in PASSTHROUGH or (aliasing and not out_variant
+                                           and torch.Tag.inplace not in func.tags):
                 kind = "pass"
             else:
                 kind = "compute"
@@ -295,8 +302,10 @@ class Emulator:
             if args:  # views, copies, selections and concatenations keep the format
                 fmt = self._known_all(args[0])
                 if fmt is not None:
+                    dtype = args[0].dtype if isinstance(args[0], torch.Tensor) else None
                     for o in (out if isinstance(out, tuple | list) else (out,)):
-                        self.mark(o, fmt)
+                        if isinstance(o, torch.Tensor) and o.dtype == (dtype or o.dtype):
+                            self.mark(o, fmt)  # a cast to another dtype may round again
             return out
         if phase == "optimizer":
             return self._optimizer_op(func, args, kwargs)
@@ -325,7 +334,9 @@ class Emulator:
         if fmt is None:
             return out
         if torch.Tag.inplace in func.tags:
-            self.round_(args[0], fmt, key)
+            for t in (args[0] if isinstance(args[0], list | tuple) else (args[0],)):
+                if _is_float(t):  # _foreach_*_ ops write a list of tensors
+                    self.round_(t, fmt, key)
         elif isinstance(out, torch.Tensor):
             self.round_(out, fmt, key)
         elif isinstance(out, tuple | list):

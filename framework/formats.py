@@ -59,6 +59,17 @@ class FloatFormat:
 
     def __post_init__(self) -> None:
         problems = []
+        for name in ("exponent_bits", "mantissa_bits", "bias"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int):
+                problems.append(f"{name}={v!r}: must be an integer")
+        for name in ("subnormals", "inf"):
+            if not isinstance(getattr(self, name), bool):
+                problems.append(f"{name}={getattr(self, name)!r}: must be true or false")
+        if not isinstance(self.name, str):
+            problems.append(f"name={self.name!r}: must be a string")
+        if problems:
+            raise FormatError(f"format {self.name!r}: " + "; ".join(problems))
         if not _NAME.match(self.name):
             problems.append(f"name={self.name!r}: must match {_NAME.pattern}")
         if not 1 <= self.exponent_bits <= 8:
@@ -81,6 +92,9 @@ class FloatFormat:
             problems.append("overflow='nan' on a format without NaN")
         if problems:
             raise FormatError(f"format {self.name!r}: " + "; ".join(problems))
+        if self.max_exponent < self.min_exponent:
+            raise FormatError(f"format {self.name!r}: exponent_bits={self.exponent_bits} with "
+                              f"nan={self.nan!r} leaves no normal values")
         if not (self.min_exponent >= -126 and self.max_exponent <= 127):
             raise FormatError(
                 f"format {self.name!r}: bias={self.bias} puts the exponent range "

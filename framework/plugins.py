@@ -157,7 +157,9 @@ class Registry:
         for impl in impls:
             try:
                 result = impl.function()
-            except Exception as e:  # any exception is the plugin's: report it, keep going
+            except KeyboardInterrupt:
+                raise
+            except BaseException as e:  # even SystemExit is the plugin's: report, keep going
                 raise HwportError(f"{hook}() raised {_describe(e)}") from e
             if not isinstance(result, Sequence) or isinstance(result, str):
                 raise HwportError(f"{hook}() returned {type(result).__name__}, expected a list "

@@ -147,7 +147,8 @@ def _base_params(
     gap = int(fmt.subnormals and fmt.subnormal_exponent == "bias" and fmt.mantissa_bits > 0)
     return KernelParams(
         width=width, m=fmt.mantissa_bits, emin=fmt.min_exponent,
-        esub=fmt.subnormal_base_exponent if fmt.subnormals else fmt.min_exponent,
+        esub=fmt.subnormal_base_exponent if fmt.subnormals and fmt.mantissa_bits
+        else fmt.min_exponent,  # no subnormal values: round on the grid of min_normal
         ftz=int(not fmt.subnormals), gap=gap, overflow=ovf, mode=_MODES[rounding],
         rbits=rbits, max_bits=c.bits(fmt.max), inf_bits=inf_bits,
         maxsub_bits=c.bits(fmt.max_subnormal), minnorm_bits=c.bits(fmt.min_normal),

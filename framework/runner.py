@@ -4,7 +4,7 @@ A training cell trains the pipeline from the same seed under the backend's lower
 and classifies the result against the reference backend's fp32 training. An inference
 cell takes the model trained once in fp32 on the reference (cached on disk, keyed by the
 pipeline's configuration and seed) and runs its forward passes on the backend, comparing
-outputs with the reference's. Outcomes follow :class:`OutcomeRules` (docs/outcomes.md).
+outputs with the reference's. Outcomes follow :class:`OutcomeRules` (docs/pipelines.md).
 """
 
 from __future__ import annotations
@@ -253,8 +253,8 @@ def run(backend: str | BackendSpec, pipeline: str | Pipeline | PipelineFactory,
     spec, rec = _spec(backend), _recipe(recipe)
     p = resolve_pipeline(pipeline, steps, options)
     rules = rules or OutcomeRules()
-    t0 = time.perf_counter()
     ref = _reference(p, seed, progress if spec.name == "reference" else None)
+    t0 = time.perf_counter()  # wall_s is the cell's own time, not the reference's training
     if mode == "train":
         if spec.name == "reference" and rec.name == "fp32":
             got, notes = ref, list[str]()

@@ -416,7 +416,9 @@ class BackendSpec:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], where: str = "") -> BackendSpec:
-        """Build a spec from plain data; every bad field is named in one SpecError."""
+        """Build a spec from plain data. Every bad field of a part is named in one
+        SpecError; checks across parts (format names, sources patterns) run once the parts
+        themselves are valid."""
         return _build(data, where)
 
     @property

@@ -128,7 +128,7 @@ class _Report:
 
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
         if report.when == "call" or (report.when == "setup" and report.outcome != "passed"):
-            outcome = report.outcome
+            outcome: str = report.outcome
             message = str(report.longrepr)[-2000:] if report.failed or report.skipped else ""
             if hasattr(report, "wasxfail"):  # the reason, then what failed
                 outcome = "xfailed" if report.skipped else "xpassed"

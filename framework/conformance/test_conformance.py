@@ -14,6 +14,7 @@ import pytest
 import hwport
 from hwport import formats as _formats
 from hwport.formats import FloatFormat
+from hwport.runner import run
 from hwport.spec import BackendSpec
 
 ORACLES: dict[str, Any] = {"bf16": ml_dtypes.bfloat16, "fp16": np.float16,
@@ -59,7 +60,8 @@ def _sample() -> np.ndarray:
 def _same(got: np.ndarray, want: np.ndarray) -> np.ndarray:
     """Where the two disagree (NaN matches NaN)."""
     both_nan = np.isnan(got) & np.isnan(want)
-    return ~both_nan & (got.view(np.uint32) != want.view(np.uint32))
+    differ: np.ndarray = ~both_nan & (got.view(np.uint32) != want.view(np.uint32))
+    return differ
 
 
 def test_formats_match_their_oracles(hwport_backend: BackendSpec) -> None:
@@ -121,7 +123,7 @@ def test_formats_match_their_definition(hwport_backend: BackendSpec) -> None:
 def test_inference_reaches_an_outcome(hwport_backend: BackendSpec, pipeline: str) -> None:
     options = dict(TINY[pipeline])
     steps = options.pop("steps")
-    r = hwport.run(hwport_backend, pipeline, "infer", "amp-bf16", steps=steps, options=options)
+    r = run(hwport_backend, pipeline, "infer", "amp-bf16", steps=steps, options=options)
     assert r.outcome in ("parity", "degraded", "broken")
     json.dumps(r.to_dict(), allow_nan=False)
 
@@ -130,15 +132,16 @@ def test_inference_reaches_an_outcome(hwport_backend: BackendSpec, pipeline: str
 def test_training_reaches_an_outcome(hwport_backend: BackendSpec, pipeline: str) -> None:
     options = dict(TINY[pipeline])
     steps = options.pop("steps")
-    r = hwport.run(hwport_backend, pipeline, "train", "amp-bf16", steps=steps, options=options)
+    r = run(hwport_backend, pipeline, "train", "amp-bf16", steps=steps, options=options)
     assert r.outcome in ("converged", "degraded", "stalled", "diverged")
     assert len(r.curve) >= 1
     json.dumps(r.to_dict(), allow_nan=False)
 
 
 def test_interconnect_is_usable(hwport_backend: BackendSpec) -> None:
-    """Every declared collective has an algorithm, and links have a finite, positive speed
-    (the cost model divides by it)."""
+    """Every declared collective has an algorithm, links have a positive speed, and the
+    reduction format is one the backend has. (Running each collective and checking its
+    cost model come with hwport's collective engine.)"""
     ic = hwport_backend.interconnect
     assert ic.collectives, "no collective declared"
     assert ic.link_bandwidth > 0 and ic.link_latency >= 0 and ic.devices >= 1
