@@ -27,6 +27,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 import torch
+from formats_under_test import CFP8FTZ, FORMATS
 
 import hwport
 from hwport import formats as F
@@ -40,18 +41,6 @@ from hwport.rounding import (
 )
 
 SEED = 20240531
-CFP8T = dataclasses.replace(F.cfp8("143", 7), name="cfp8t", subnormal_exponent="bias")
-CFP8FTZ = dataclasses.replace(F.cfp8("143", 7), name="cfp8ftz", subnormals=False)
-
-# Every format the kernels are held to: names resolve through the registry; the two
-# custom ones are passed as FloatFormat objects.
-FORMATS: dict[str, F.FloatFormat] = {
-    name: F.get(name)
-    for name in ("bf16", "fp16", "e4m3fn", "e5m2", "tf32", "cfp8_143_b0", "cfp8_143_b7",
-                 "cfp8_152_b15", "cfp8_152_b63", "cfp16_shp_b15")
-}
-FORMATS["cfp8t"] = CFP8T
-FORMATS["cfp8ftz"] = CFP8FTZ
 MODES = ("nearest", "toward_zero", "stochastic")
 
 ML_DTYPES = {

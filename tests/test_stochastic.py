@@ -9,7 +9,6 @@ rounds up with probability floor(frac * 2**R) / 2**R, which is below frac by les
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections.abc import Iterator
 from fractions import Fraction
@@ -18,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from formats_under_test import FORMATS
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -31,15 +31,6 @@ from hwport.rounding import (
     round_scalar,
 )
 
-CFP8T = dataclasses.replace(F.cfp8("143", 7), name="cfp8t", subnormal_exponent="bias")
-CFP8FTZ = dataclasses.replace(F.cfp8("143", 7), name="cfp8ftz", subnormals=False)
-FORMATS: dict[str, F.FloatFormat] = {
-    name: F.get(name)
-    for name in ("bf16", "fp16", "e4m3fn", "e5m2", "tf32", "cfp8_143_b0", "cfp8_143_b7",
-                 "cfp8_152_b15", "cfp8_152_b63", "cfp16_shp_b15")
-}
-FORMATS["cfp8t"] = CFP8T
-FORMATS["cfp8ftz"] = CFP8FTZ
 N = 200_000
 SIGMAS = 5.0
 
