@@ -455,15 +455,10 @@ def _quantize_numpy(x: Any, fmt: FloatFormat, mode: Rounding, seed: int | None,
     return out if isinstance(x, np.ndarray) else out[()]
 
 
-def round_inplace(arr: np.ndarray, p: KernelParams) -> tuple[int, int, int]:
-    """Round a C-contiguous float32/float64 array in place; returns the counts of
-    (finite values that overflowed, nonzero values that became zero, inf/NaN inputs)."""
-    return round_into(arr, arr, p)
-
-
 def round_into(src: np.ndarray, arr: np.ndarray, p: KernelParams) -> tuple[int, int, int]:
-    """Write ``src`` rounded into ``arr`` (C-contiguous, same shape and dtype; may be
-    ``src``); returns the counts of :func:`round_inplace`."""
+    """Write ``src`` rounded into ``arr`` (C-contiguous, same shape and dtype; ``arr`` may
+    be ``src``, rounding in place). Returns the counts of (finite values that overflowed,
+    nonzero values that became zero, inf/NaN inputs)."""
     if _kernels is not None:
         counts: tuple[int, int, int] = _kernels.quantize(
             src, arr, p.width, p.m, p.emin, p.esub, p.ftz, p.gap, p.overflow, p.mode, p.rbits,
