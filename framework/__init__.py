@@ -1,6 +1,6 @@
 """hwport: what happens to your training and inference when you port them to another chip."""
 
-from hwport.errors import FormatError, HwportError, PluginError, SpecError, UnknownNameError
+from hwport.errors import FormatError, HwportError, SpecError, UnknownNameError
 from hwport.formats import FloatFormat
 from hwport.hookspecs import hookimpl
 from hwport.pipeline import Pipeline
@@ -33,7 +33,7 @@ __all__ = [
     "MemoryHierarchy",
     "MemoryTier",
     "Pipeline",
-    "PluginError",
+
     "PrecisionSemantics",
     "Rounding",
     "SpecError",

@@ -251,11 +251,9 @@ def _cell_text(r: Any) -> str:
     """Outcome and headline numbers of one result, for a table cell."""
     style = OUTCOME_STYLE.get(r.outcome, "")
     m = r.metrics
+    detail = f"{r.metric} {m.get(r.metric, math.nan):.4g}"
     if r.mode == "infer":
-        detail = f"top-1 {r.agreement.get('top1', math.nan):.3f}"
-    else:
-        detail = ", ".join(f"{k} {v:.4g}" for k, v in m.items() if k != "val_loss")
-        detail = detail or f"val_loss {m.get('val_loss', math.nan):.4g}"
+        detail += f", top-1 {r.agreement.get('top1', math.nan):.3f}"
     flags = []
     t = r.telemetry
     overflow = sum(c["overflow"] for c in t["rounding"].values())

@@ -40,10 +40,6 @@ class SpecError(HwportError, ValueError):
         return cls(head + ":\n  " + "\n  ".join(rows), problems)
 
 
-class PluginError(HwportError):
-    """A plugin could not be loaded or returned invalid data."""
-
-
 class UnknownNameError(HwportError, LookupError):
     """A name (backend, format, ...) that nothing registered; lists the known ones."""
 

@@ -42,8 +42,9 @@ class Pipeline:
     """A training + inference program (see the module docstring).
 
     ``evaluate`` returns validation metrics and must include ``val_loss``; ``metric`` names
-    the headline metric among them (``higher_is_better`` says its direction). ``predict``
-    returns logits on a fixed evaluation set, compared across backends in infer mode.
+    the headline metric among them (shown in tables; outcomes are judged on ``val_loss``).
+    ``predict`` returns logits on a fixed evaluation set, compared across backends in infer
+    mode.
     ``config`` is what identifies the program's configuration (it keys cached models).
     """
 
@@ -55,7 +56,6 @@ class Pipeline:
     evaluate: Callable[[Any], dict[str, float]]
     predict: Callable[[Any], Any]
     metric: str = "val_loss"
-    higher_is_better: bool = False
     steps: int = 200
     eval_every: int = 50
     config: dict[str, Any] = field(default_factory=dict)

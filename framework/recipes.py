@@ -80,7 +80,6 @@ class Recipe:
     update_rounding: str = "nearest"
     loss_scaling: LossScaling | None = None
     fp8_scaling: FP8Scaling | None = None
-    kahan_updates: bool = False
     autocast: bool = False
 
     def __post_init__(self) -> None:
@@ -143,9 +142,6 @@ class Lowered:
     original: Recipe
     backend: BackendSpec
     notes: tuple[str, ...] = field(default=())
-
-    def format(self, name: str) -> FloatFormat:
-        return self.backend.format(name)
 
 
 def _nearest_format(want: FloatFormat, have: list[FloatFormat]) -> FloatFormat:

@@ -95,6 +95,7 @@ class RunResult:
     wall_s: float
     framework: str = "torch"
     agreement: dict[str, float] = field(default_factory=dict)
+    metric: str = "val_loss"  # the pipeline's headline metric, one of ``metrics``
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data for JSON (non-finite numbers as strings)."""
@@ -264,7 +265,7 @@ def run(backend: str | BackendSpec, pipeline: str | Pipeline | PipelineFactory,
                               ref.metrics["val_loss"], got.finite)
         return RunResult(spec.name, p.name, mode, rec.name, seed, p.steps, outcome,
                          got.metrics, ref.metrics, got.curve, got.telemetry, notes,
-                         time.perf_counter() - t0)
+                         time.perf_counter() - t0, metric=p.metric)
     return _infer(p, spec, rec, seed, ref, rules, t0, progress)
 
 
@@ -296,7 +297,8 @@ def _infer(p: Pipeline, spec: BackendSpec, rec: Recipe, seed: int, ref: _Trained
                           finite, kl)
     return RunResult(spec.name, p.name, "infer", rec.name, seed, p.steps, outcome, metrics,
                      ref_metrics, [], em.telemetry.to_dict(), list(lowered.notes),
-                     time.perf_counter() - t0, agreement={"top1": agree, "kl": kl})
+                     time.perf_counter() - t0, agreement={"top1": agree, "kl": kl},
+                     metric=p.metric)
 
 
 @dataclass

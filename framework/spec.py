@@ -437,16 +437,6 @@ class BackendSpec:
             caps.add("flush_to_zero")
         return frozenset(caps)
 
-    def summary(self) -> dict[str, Any]:
-        """Headline figures: formats, tiers, interconnect and peaks, for tables."""
-        ic = self.interconnect
-        return {
-            "formats": list(self.precision.formats),
-            "memory": [(t.name, t.total_capacity) for t in self.memory.tiers],
-            "interconnect": f"{ic.topology} x{ic.devices}",
-            "peak_flops": dict(self.compute.peak_flops),
-        }
-
 
 def _plain(obj: Any) -> Any:
     if isinstance(obj, FloatFormat):

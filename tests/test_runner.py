@@ -390,7 +390,7 @@ def make(steps: int = 30, hidden: int = 16) -> hwport.Pipeline:
         optimizer=lambda ps: torch.optim.AdamW(ps, lr=1e-2, foreach=False),
         batches=batches, loss=lambda m, b: F.cross_entropy(m(b[0]), b[1]),
         evaluate=evaluate, predict=lambda m: m(xv), metric="accuracy",
-        higher_is_better=True, steps=steps, eval_every=10, config={"hidden": hidden})
+        steps=steps, eval_every=10, config={"hidden": hidden})
 
 
 def not_a_pipeline(steps: int = 30):

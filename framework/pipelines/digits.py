@@ -65,6 +65,6 @@ def pipeline(steps: int = 300, batch_size: int = 64, hidden: int = 128,
         name="digits", model=model,
         optimizer=lambda params: torch.optim.AdamW(params, lr=lr, foreach=False),
         batches=batches, loss=loss, evaluate=evaluate, predict=lambda m: m(xv),
-        metric="accuracy", higher_is_better=True, steps=steps, eval_every=max(steps // 6, 1),
+        metric="accuracy", steps=steps, eval_every=max(steps // 6, 1),
         config={"batch_size": batch_size, "hidden": hidden, "lr": lr},
     )

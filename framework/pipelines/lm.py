@@ -125,7 +125,7 @@ def pipeline(steps: int = 200, corpus: str | None = None, d_model: int = 64, hea
         name="lm", model=lambda: ByteLM(d_model, heads, layers, context),
         optimizer=lambda params: torch.optim.AdamW(params, lr=lr, foreach=False),
         batches=batches, loss=loss, evaluate=evaluate, predict=lambda m: m(vx),
-        metric="perplexity", higher_is_better=False, steps=steps,
+        metric="perplexity", steps=steps,
         eval_every=max(steps // 5, 1),
         config={"corpus": digest, "d_model": d_model, "heads": heads, "layers": layers,
                 "context": context, "batch_size": batch_size, "lr": lr},
