@@ -40,7 +40,7 @@ def trainer(backend: str, recipe: str, options: dict[str, int], seed: int = 0
         batch = next(batches)
         with em.active():
             t0 = time.perf_counter()
-            em.train_step(lambda: p.loss(model, batch), opt, model)
+            em.train_step(model, p.loss, batch, opt)
             return time.perf_counter() - t0
 
     return step

@@ -21,6 +21,7 @@
 #include <stdint.h>
 #include <string.h>
 #include <math.h>
+#include <pthread.h>
 
 typedef struct {
     uint64_t overflow, underflow, nonfinite;  /* finite -> beyond max; nonzero -> 0; inf/NaN in */
@@ -166,6 +167,8 @@ NAME##_block(const UINT *src, UINT *dst, Py_ssize_t n, uint64_t base,           
      * pass 2 finds them by the same test (a rounded value is never special) and rounds   \
      * them one by one. */                                                                 \
     UINT bad = 0;                                                                           \
+    /* src and dst are the same buffer or disjoint: no iteration reads another's write */ \
+    _Pragma("GCC ivdep")                                                                    \
     for (Py_ssize_t j = 0; j < n; j++) {                                                    \
         UINT u = src[j], a = u & ~signbit;                                                  \
         UINT res = NAME##_fast(a, base32 + (uint32_t)j, s, R, mask, half1, k0, k1, mode);   \
@@ -180,11 +183,11 @@ NAME##_block(const UINT *src, UINT *dst, Py_ssize_t n, uint64_t base,           
             dst[j] = NAME##_one(u, base + j, p, mode, c);                                   \
     }                                                                                       \
 }                                                                                           \
-TARGETS static void NAME(const UINT *src, UINT *dst, Py_ssize_t n, const params_t *p,       \
-                         counts_t *c) {                                                     \
+TARGETS static void NAME(const UINT *src, UINT *dst, Py_ssize_t start, Py_ssize_t end,      \
+                         const params_t *p, counts_t *c) {                                  \
     const params_t local = *p;                                                              \
-    for (Py_ssize_t b = 0; b < n; b += BLOCK) {                                             \
-        Py_ssize_t len = n - b < BLOCK ? n - b : BLOCK;                                     \
+    for (Py_ssize_t b = start; b < end; b += BLOCK) {                                       \
+        Py_ssize_t len = end - b < BLOCK ? end - b : BLOCK;                                 \
         if (local.mode == MODE_NEAREST)                                                     \
             NAME##_block(src + b, dst + b, len, (uint64_t)b, &local, MODE_NEAREST, c);         \
         else if (local.mode == MODE_STOCHASTIC)                                             \
@@ -196,7 +199,7 @@ TARGETS static void NAME(const UINT *src, UINT *dst, Py_ssize_t n, const params_
 
 #define BLOCK 4096
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define TARGETS __attribute__((target_clones("avx2", "default")))
+#define TARGETS __attribute__((target_clones("avx512f", "avx2", "default")))
 #else
 #define TARGETS
 #endif
@@ -204,15 +207,98 @@ TARGETS static void NAME(const UINT *src, UINT *dst, Py_ssize_t n, const params_
 DEFINE_KERNEL(k32, uint32_t, 23, 127)
 DEFINE_KERNEL(k64, uint64_t, 52, 1023)
 
+/* Large buffers are split into contiguous ranges of whole blocks, one per thread: a small
+ * pool of persistent workers (created on first use, recreated after fork) takes all ranges
+ * but the first, which the calling thread rounds.  Each element's result depends only on
+ * its value and index, so the split never changes a bit; counts are summed. */
+#define MAX_THREADS 8
+#define SPLIT_MIN (16 * BLOCK)
+
+typedef struct {
+    const void *src; void *dst; Py_ssize_t start, end; int width; params_t p; counts_t c;
+} job_t;
+
+static void run_job(job_t *j) {
+    if (j->width == 32) k32((const uint32_t *)j->src, (uint32_t *)j->dst, j->start, j->end, &j->p, &j->c);
+    else k64((const uint64_t *)j->src, (uint64_t *)j->dst, j->start, j->end, &j->p, &j->c);
+}
+
+static pthread_mutex_t pool_busy = PTHREAD_MUTEX_INITIALIZER;  /* one caller at a time */
+static pthread_mutex_t pool_mu = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t pool_go = PTHREAD_COND_INITIALIZER, pool_done = PTHREAD_COND_INITIALIZER;
+static job_t pool_jobs[MAX_THREADS];
+static unsigned long pool_gen = 0;
+static int pool_workers = 0, pool_pending = 0, pool_active = 0;
+static unsigned long pool_born[MAX_THREADS];  /* the generation each worker starts after */
+
+static void *worker(void *arg) {
+    int id = (int)(intptr_t)arg;
+    pthread_mutex_lock(&pool_mu);
+    unsigned long seen = pool_born[id];
+    for (;;) {
+        while (pool_gen == seen) pthread_cond_wait(&pool_go, &pool_mu);
+        seen = pool_gen;
+        if (id >= pool_active) continue;
+        pthread_mutex_unlock(&pool_mu);
+        run_job(&pool_jobs[id]);
+        pthread_mutex_lock(&pool_mu);
+        if (--pool_pending == 0) pthread_cond_signal(&pool_done);
+    }
+    return NULL;
+}
+
+static void after_fork_child(void) {  /* the workers did not survive the fork */
+    pthread_mutex_init(&pool_busy, NULL); pthread_mutex_init(&pool_mu, NULL);
+    pthread_cond_init(&pool_go, NULL); pthread_cond_init(&pool_done, NULL);
+    pool_workers = 0; pool_pending = 0; pool_gen = 0;
+}
+
+/* Round [0, n) with up to `threads` threads; falls back to one when the pool is in use. */
+static void run_split(job_t *whole, Py_ssize_t n, int threads, counts_t *c) {
+    Py_ssize_t blocks = (n + BLOCK - 1) / BLOCK;
+    if (threads > MAX_THREADS) threads = MAX_THREADS;
+    if (threads > blocks) threads = (int)blocks;
+    if (threads < 2 || n < SPLIT_MIN || pthread_mutex_trylock(&pool_busy) != 0) {
+        whole->start = 0; whole->end = n; run_job(whole); *c = whole->c; return;
+    }
+    pthread_mutex_lock(&pool_mu);
+    while (pool_workers < threads - 1) {
+        pthread_t t;
+        pool_born[pool_workers + 1] = pool_gen;
+        if (pthread_create(&t, NULL, worker, (void *)(intptr_t)(pool_workers + 1)) != 0) break;
+        pthread_detach(t);
+        pool_workers++;
+    }
+    if (pool_workers + 1 < threads) threads = pool_workers + 1;
+    for (int i = 0; i < threads; i++) {
+        pool_jobs[i] = *whole;
+        pool_jobs[i].start = blocks * i / threads * BLOCK;
+        pool_jobs[i].end = i + 1 == threads ? n : blocks * (i + 1) / threads * BLOCK;
+    }
+    pool_active = threads; pool_pending = threads - 1;
+    if (threads > 1) { pool_gen++; pthread_cond_broadcast(&pool_go); }
+    pthread_mutex_unlock(&pool_mu);
+    run_job(&pool_jobs[0]);
+    pthread_mutex_lock(&pool_mu);
+    while (pool_pending > 0) pthread_cond_wait(&pool_done, &pool_mu);
+    pthread_mutex_unlock(&pool_mu);
+    for (int i = 0; i < threads; i++) {
+        c->overflow += pool_jobs[i].c.overflow; c->underflow += pool_jobs[i].c.underflow;
+        c->nonfinite += pool_jobs[i].c.nonfinite;
+    }
+    pthread_mutex_unlock(&pool_busy);
+}
+
 static PyObject *quantize(PyObject *self, PyObject *args) {
     Py_buffer src, dst;
     params_t p;
     unsigned long long max_bits, inf_bits, maxsub_bits, minnorm_bits, nan_bits;
     unsigned int key0, key1;
-    int width;
-    if (!PyArg_ParseTuple(args, "y*w*iiiiiiiiiKKKKKII", &src, &dst, &width, &p.m, &p.emin,
+    int width, threads = 1;
+    if (!PyArg_ParseTuple(args, "y*w*iiiiiiiiiKKKKKII|i", &src, &dst, &width, &p.m, &p.emin,
                           &p.esub, &p.ftz, &p.gap, &p.overflow, &p.mode, &p.rbits, &max_bits,
-                          &inf_bits, &maxsub_bits, &minnorm_bits, &nan_bits, &key0, &key1))
+                          &inf_bits, &maxsub_bits, &minnorm_bits, &nan_bits, &key0, &key1,
+                          &threads))
         return NULL;
     p.max_bits = max_bits; p.inf_bits = inf_bits; p.maxsub_bits = maxsub_bits;
     p.minnorm_bits = minnorm_bits; p.nan_bits = nan_bits; p.key0 = key0; p.key1 = key1;
@@ -223,9 +309,9 @@ static PyObject *quantize(PyObject *self, PyObject *args) {
     }
     Py_ssize_t n = src.len / (width / 8);
     counts_t c = {0, 0, 0};
+    job_t whole = {src.buf, dst.buf, 0, n, width, p, {0, 0, 0}};
     Py_BEGIN_ALLOW_THREADS
-    if (width == 32) k32((const uint32_t *)src.buf, (uint32_t *)dst.buf, n, &p, &c);
-    else k64((const uint64_t *)src.buf, (uint64_t *)dst.buf, n, &p, &c);
+    run_split(&whole, n, threads, &c);
     Py_END_ALLOW_THREADS
     PyBuffer_Release(&src); PyBuffer_Release(&dst);
     return Py_BuildValue("(KKK)", (unsigned long long)c.overflow,
@@ -234,11 +320,14 @@ static PyObject *quantize(PyObject *self, PyObject *args) {
 
 static PyMethodDef methods[] = {
     {"quantize", quantize, METH_VARARGS,
-     "Round a float32/float64 buffer into another (or itself); returns (overflow, "
-     "underflow-to-zero, non-finite input) counts."},
+     "Round a float32/float64 buffer into another (or itself), with up to `threads` "
+     "threads; returns (overflow, underflow-to-zero, non-finite input) counts."},
     {NULL, NULL, 0, NULL},
 };
 
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_kernels", NULL, -1, methods};
 
-PyMODINIT_FUNC PyInit__kernels(void) { return PyModule_Create(&module); }
+PyMODINIT_FUNC PyInit__kernels(void) {
+    pthread_atfork(NULL, NULL, after_fork_child);
+    return PyModule_Create(&module);
+}

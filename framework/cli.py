@@ -323,6 +323,11 @@ def _print_run(r: Any) -> None:
         out.print(f"[dim]lowered: {escape(note)}[/]", highlight=False)
 
 
+CaptureOption = Annotated[bool, typer.Option(
+    "--capture/--eager", help="Capture each training step as a graph and replay it; --eager "
+    "runs every op through the dispatch mode (same results, slower).")]
+
+
 @app.command()
 def run(
     backend: Annotated[str, typer.Option("--backend", "-b", help="Backend name.")],
@@ -337,6 +342,7 @@ def run(
                                                      help="Pipeline option key=value.")] = None,
     json_path: Annotated[Path | None, typer.Option("--json", help="Write the result as "
                                                    "JSON to PATH (- for stdout).")] = None,
+    capture: CaptureOption = True,
 ) -> None:
     """Run one pipeline on one backend and classify it against the reference."""
     from hwport import runner
@@ -344,7 +350,7 @@ def run(
     with _Bars(1) as bars:
         result = runner.run(backend, pipeline, mode, recipe, steps=steps, seed=seed,
                             options=_options(corpus, option), progress=bars.on_cell(
-                                f"{pipeline} {mode} on {backend}", None))
+                                f"{pipeline} {mode} on {backend}", None), capture=capture)
     if json_path is not None:
         _write_json(json_path, result.to_dict())
     if json_path is None or str(json_path) != "-":
@@ -366,6 +372,7 @@ def compare(
     seed: Annotated[int, typer.Option(help="Seed of data, initialisation, rounding.")] = 0,
     json_path: Annotated[Path | None, typer.Option("--json", help="Write the comparison as "
                                                    "JSON to PATH (- for stdout).")] = None,
+    capture: CaptureOption = True,
 ) -> None:
     """Run pipelines x modes on every backend and print the outcomes side by side."""
     from hwport import runner
@@ -375,7 +382,7 @@ def compare(
     mode_list = _split(modes) or list(runner.MODES)
     with _Bars(len(names) * len(pipes) * len(mode_list)) as bars:
         comparison = runner.compare(names, pipes, mode_list, recipe, steps=steps, seed=seed,
-                                    on_cell=bars.on_cell)
+                                    on_cell=bars.on_cell, capture=capture)
     if json_path is not None:
         _write_json(json_path, comparison.to_dict())
     if json_path is not None and str(json_path) == "-":

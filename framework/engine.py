@@ -22,21 +22,26 @@ import contextlib
 import dataclasses
 import math
 from collections import defaultdict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Any
 
 import torch
+import torch.utils._pytree as pytree
+from torch.fx.experimental.proxy_tensor import make_fx
 from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 
 from hwport.formats import FloatFormat
 from hwport.recipes import Lowered
 from hwport.rounding import (
+    KernelParams,
     Rounding,
-    _quantize_torch,
     _torch_xp,
     kernel_params,
     round_into,
+    round_scalar,
+    with_seed,
 )
 
 aten = torch.ops.aten
@@ -83,6 +88,58 @@ PASSTHROUGH = {
 }
 
 
+# Rounding is one torch op, ``hwport::round``, so that a captured step's graph holds it:
+# ``x`` rounded with the interned kernel parameters ``params`` into ``out`` (which may be
+# ``x``), its (overflow, underflow, non-finite) counts written to row ``row`` of ``counts``;
+# stochastic bits are keyed by ``step`` (seed and step) and ``index`` (the call in the step).
+_PARAMS: list[KernelParams] = []
+_PHASES = ("forward", "backward", "optimizer", "control", "outside")
+_PARAM_IDS: dict[KernelParams, int] = {}
+
+
+def _intern(p: KernelParams) -> int:
+    i = _PARAM_IDS.get(p)
+    if i is None:
+        i = _PARAM_IDS[p] = len(_PARAMS)
+        _PARAMS.append(p)
+    return i
+
+
+def _round(x: torch.Tensor, out: torch.Tensor, counts: torch.Tensor, row: int, params: int,
+           step: torch.Tensor, index: int) -> None:
+    p = _PARAMS[params]
+    if p.mode == 1:  # stochastic
+        p = with_seed(p, int(step) * 1_000_033 + index)
+    src, dst = x.detach(), out.detach()
+    dtype = torch.float64 if p.width == 64 else torch.float32
+    if src.device.type == "cpu" and src.dtype == dtype == dst.dtype and src.is_contiguous() \
+            and dst.is_contiguous():
+        # one thread: between ops, torch's OpenMP workers spin on the other cores, and a
+        # second kernel thread competing with them made the lm step slower, not faster
+        counts.numpy()[row] = round_into(src.numpy(), dst.numpy(), p, threads=1)
+        return
+    wide = src.to(dtype).contiguous()
+    if wide.device.type == "cpu":
+        q = torch.empty_like(wide)
+        c = round_into(wide.numpy(), q.numpy(), p, threads=1)
+    else:
+        q = _torch_xp(wide, p)
+        top = torch.tensor([p.max_bits], dtype=torch.int64).to(
+            torch.int32 if p.width == 32 else torch.int64).view(dtype).item()
+        finite = torch.isfinite(wide)
+        over = finite & (~torch.isfinite(q) | ((q.abs() == top) & (wide.abs() > top)))
+        c = (int(over.sum()), int(((wide != 0) & (q == 0)).sum()), int((~finite).sum()))
+    dst.copy_(q)
+    counts.numpy()[row] = c
+
+
+_LIB = torch.library.Library("hwport", "DEF")  # type: ignore[no-untyped-call]
+_LIB.define(  # type: ignore[no-untyped-call]
+    "round(Tensor x, Tensor(a!) out, Tensor(b!) counts, int row, int params, Tensor step, "
+    "int index) -> ()")
+_LIB.impl("round", _round, "CompositeExplicitAutograd")  # type: ignore[no-untyped-call]
+
+
 @dataclass
 class Counts:
     """Rounding events for one (phase, op class): elements rounded and what happened."""
@@ -92,7 +149,7 @@ class Counts:
     underflow: int = 0
     nonfinite: int = 0
 
-    def add(self, n: int, counts: tuple[int, int, int]) -> None:
+    def add(self, n: int, counts: Sequence[int]) -> None:
         self.elements += n
         self.overflow += counts[0]
         self.underflow += counts[1]
@@ -108,6 +165,7 @@ class Telemetry:
     updates_lost: int = 0
     loss_scale: list[float] = field(default_factory=list)
     skipped_steps: int = 0
+    execution: str = ""  # how training steps ran: "captured", or "eager: why"
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data for JSON: counts per ``phase/op class``, update losses, loss scales."""
@@ -119,7 +177,19 @@ class Telemetry:
             "lost_update_fraction": lost,
             "loss_scale": self.loss_scale,
             "skipped_steps": self.skipped_steps,
+            "execution": self.execution,
         }
+
+
+@lru_cache(maxsize=256)
+def _holds(fmt: FloatFormat, value: float) -> bool:
+    """Whether ``value`` is a value of ``fmt`` (a fill value that needs no rounding)."""
+    v = float(value)
+    if math.isnan(v):
+        return True
+    if math.isinf(v):
+        return fmt.inf
+    return round_scalar(v, fmt) == v
 
 
 def _is_float(t: Any) -> bool:
@@ -129,14 +199,14 @@ def _is_float(t: Any) -> bool:
 class Emulator:
     """Runs torch programs with a lowered recipe on a backend (see the module docstring)."""
 
-    def __init__(self, lowered: Lowered, seed: int = 0) -> None:
+    def __init__(self, lowered: Lowered, seed: int = 0, capture: bool = True) -> None:
         self.lowered = lowered
         self.spec = lowered.backend
         recipe = lowered.recipe
         self.recipe = recipe
         self.seed = seed
         self.rbits = self.spec.precision.stochastic_rounding_bits or 23
-        self.telemetry = Telemetry()
+        self._telemetry = Telemetry()
         fmt = self._fmt
         self.mm_fwd, self.mm_bwd = fmt(recipe.matmul_input), fmt(recipe.backward_input)
         self.acts = fmt(recipe.activations)
@@ -152,7 +222,14 @@ class Emulator:
         self.interval = self.spec.precision.accumulation_interval
         self.phase = "forward"
         self.step_index = 0
-        self.op_index = 0
+        self.capture = capture
+        self._graphs: dict[Any, _Captured | str] = {}
+        self._tracing = False
+        self._why_not: str | None = None
+        self._counts = torch.zeros(4096, 3, dtype=torch.int64)
+        self._rows: list[tuple[str, int]] = []  # (telemetry key, elements) per counts row
+        self._op_index = 0
+        self._step_key = torch.zeros((), dtype=torch.int64)
         self.scale = recipe.loss_scaling.init_scale if recipe.loss_scaling else 1.0
         self._growth_tracker = 0
         self._overflows_before = 0
@@ -182,38 +259,45 @@ class Emulator:
                rounding: Rounding = Rounding.NEAREST,
                saturate: bool | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
         """Round ``t`` into ``fmt`` in place, or into ``out`` (contiguous, like ``t``) and
-        return that; a no-op for fp32. Counts go to ``key``."""
+        return that; a no-op for fp32. Counts go to ``key``.
+
+        Stochastic rounding draws its bits from (seed, step, index of the rounding in the
+        step), so a step gives the same bits however it is executed."""
         if fmt is None or not t.is_floating_point() or t.numel() == 0:
             return t if out is None else out.copy_(t)
+        dst = t if out is None else out
         width = 64 if t.dtype == torch.float64 else 32
-        seed = None
-        if rounding is Rounding.STOCHASTIC:
-            self.op_index += 1
-            seed = (self.seed * 1_000_003 + self.step_index) * 1_000_033 + self.op_index
-        p = kernel_params(fmt, width, rounding, seed, saturate, self.rbits)
-        if t.device.type == "cpu" and t.dtype in (torch.float32, torch.float64) \
-                and t.is_contiguous():
-            dst = t if out is None else out
-            counts = round_into(t.detach().numpy(), dst.detach().numpy(), p)
-            self.telemetry.rounding[key].add(t.numel(), counts)
-            self.mark(dst, fmt)
-            return dst
-        if out is not None:
-            t = out.copy_(t)
-        src = t.detach().to(torch.float64 if width == 64 else torch.float32).contiguous()
-        q = _torch_xp(src, p) if t.device.type != "cpu" else _quantize_torch(
-            src, fmt, rounding, seed, saturate, 23)
-        self._count_slow(key, src, q, fmt)
-        t.detach().copy_(q)
-        self.mark(t, fmt)
-        return t
+        params = _intern(kernel_params(fmt, width, rounding, None, saturate, self.rbits))
+        row = len(self._rows)
+        if row == len(self._counts):
+            if self._tracing:
+                self._why_not = "more roundings in one step than the capture buffer holds"
+            self._fold()
+            row = 0
+        self._rows.append((key, t.numel()))
+        index, self._op_index = self._op_index, self._op_index + 1
+        if self._tracing:  # recorded in the step's graph
+            torch.ops.hwport.round(t, dst, self._counts, row, params, self._step_key, index)
+        else:
+            _round(t, dst, self._counts, row, params, self._step_key, index)
+        self.mark(dst, fmt)
+        return dst
 
-    def _count_slow(self, key: str, src: torch.Tensor, q: torch.Tensor, fmt: FloatFormat) -> None:
-        finite = torch.isfinite(src)
-        over = finite & ((~torch.isfinite(q)) | ((q.abs() == fmt.max) & (src.abs() > fmt.max)))
-        under = (src != 0) & (q == 0)
-        self.telemetry.rounding[key].add(
-            src.numel(), (int(over.sum()), int(under.sum()), int((~finite).sum())))
+    @property
+    def telemetry(self) -> Telemetry:
+        """What the numerics did so far."""
+        self._fold()
+        return self._telemetry
+
+    def _fold(self) -> None:
+        """Move the rounding counts of the calls so far into the telemetry."""
+        if not self._rows:
+            return
+        counts = self._counts[:len(self._rows)]
+        for (key, n), c in zip(self._rows, counts.tolist(), strict=True):
+            self._telemetry.rounding[key].add(n, c)
+        counts.zero_()
+        self._rows.clear()
 
     def rounded(self, t: torch.Tensor, fmt: FloatFormat | None, key: str) -> torch.Tensor:
         """``t`` in ``fmt``: itself if it is known to hold ``fmt`` values already, else a
@@ -266,7 +350,9 @@ class Emulator:
             self._known[id(t)] = (t, t._version, fmt)
 
     def end_step(self) -> None:
-        """Forget what the step kept (rounded copies, known formats but the parameters')."""
+        """Forget what the step kept (rounded copies, known formats but the parameters'),
+        and bring the telemetry up to date."""
+        self._fold()
         self._copies.clear()
         params = set(self._param_ids)
         self._known = {k: v for k, v in self._known.items() if k in params}
@@ -297,6 +383,10 @@ class Emulator:
         if phase == "control" or phase == "outside":
             return func(*args, **kwargs)
         kind = self.kind(func)
+        if self._tracing and (func is aten._local_scalar_dense.default
+                              or torch.Tag.data_dependent_output in func.tags
+                              or torch.Tag.dynamic_output_shape in func.tags):
+            self._why_not = f"it reads tensor values on the host ({func})"
         if kind == "pass":
             out = func(*args, **kwargs)
             if args:  # views, copies, selections and concatenations keep the format
@@ -314,6 +404,10 @@ class Emulator:
         fmt = self._autocast_format(args) if self.recipe.autocast else self.acts
         out = func(*args, **kwargs)
         if kind == "fp32":
+            return out
+        if func is aten.masked_fill.Scalar and fmt is not None and self.known(args[0]) is fmt \
+                and _holds(fmt, args[2]):  # values of fmt and a value of fmt: nothing to round
+            self.mark(out, fmt)
             return out
         return self._round_outputs(func, args, kwargs, out, fmt, f"{phase}/elementwise")
 
@@ -444,6 +538,9 @@ class Emulator:
         """Run the block with ops attributed to ``phase`` (``control``: not emulated)."""
         old, self.phase = self.phase, phase
         self._site = 0
+        # stochastic bits are keyed per phase, so that no phase's draws depend on how many
+        # roundings another phase made
+        self._op_index = _PHASES.index(phase) << 24
         try:
             if phase == "control":
                 with _disable_current_modes():
@@ -492,26 +589,35 @@ class Emulator:
                 self.round_(p.data, self.weights, "init/weights")
                 self.mark(p, self.weights)
                 self._param_ids.append(id(p))
+        self._fold()
 
-    def train_step(self, loss_fn: Callable[[], torch.Tensor],
-                   optimizer: torch.optim.Optimizer, model: torch.nn.Module) -> float:
-        """One step: forward, (scaled) backward, gradient checks, optimizer update.
+    def train_step(self, model: torch.nn.Module, loss: Callable[[Any, Any], torch.Tensor],
+                   batch: Any, optimizer: torch.optim.Optimizer) -> float:
+        """One step: forward ``loss(model, batch)``, (scaled) backward, gradient checks,
+        optimizer update.
+
+        Forward and backward are captured as a graph the first time a step sees a batch of
+        its shapes, with the emulation's roundings in it, and that graph is replayed for
+        later batches of the same shapes (like a CUDA graph: the step must do the same
+        thing each time; see :attr:`capture`). A step that reads tensor values on the host
+        runs eagerly under the dispatch mode instead, with the same results.
 
         Returns the loss (NaN or inf when training diverged: that is an outcome)."""
         self.end_step()
-        with self.phase_("forward"):
-            loss = loss_fn()
-        value = float(loss.detach())
+        self._step_key.fill_(self.seed * 1_000_003 + self.step_index)
+        params = [p for p in model.parameters() if p.requires_grad]
         self._overflows_before = self._backward_overflows()
-        with self.phase_("backward"):
-            # the scale enters as the loss's gradient (GradScaler multiplies the fp32 loss;
-            # no fp16 op ever holds the scale itself)
-            loss.backward(torch.full_like(loss, self.scale))  # type: ignore[no-untyped-call]
-        params = [p for p in model.parameters() if p.grad is not None]
+        with self.phase_("control"):
+            scale = torch.tensor(self.scale)
+            value, grads = self._forward_backward(model, loss, batch, params, scale)
         with self.phase_("control"), torch.no_grad():
+            for p, g in zip(params, grads, strict=True):
+                p.grad = None if g is None else g.to(p.dtype)
+            params = [p for p in params if p.grad is not None]
             for p in params:
                 assert p.grad is not None
                 self.round_(p.grad, self.grads, "backward/gradients")
+            self._fold()
             skip = self._loss_scaling(params)
             if not skip:
                 if self.scale != 1.0:
@@ -522,23 +628,110 @@ class Emulator:
                     w.data, self._masters[w] = master, w.data
         if not skip:
             self._params = {p.data_ptr() for p in model.parameters()}
-            if self._update_is_native():
-                with self.phase_("control"):
-                    optimizer.step()
-            else:
-                with self.phase_("optimizer"):
-                    optimizer.step()
+            with self.phase_("control" if self._update_is_native() else "optimizer"):
+                optimizer.step()
             with self.phase_("control"), torch.no_grad():
                 for w, low in self._masters.items():
                     master = w.data
                     low.copy_(master)
                     self.round_(low, self.weights, "optimizer/weights_cast")
                     w.data, self._masters[w] = low, master
+                for w in model.parameters():  # every write to a parameter was rounded
                     self.mark(w, self.weights)
         optimizer.zero_grad(set_to_none=True)
         self.step_index += 1
         self.end_step()
         return value
+
+    def _forward_backward(self, model: torch.nn.Module, loss: Callable[[Any, Any], torch.Tensor],
+                          batch: Any, params: list[torch.nn.Parameter], scale: torch.Tensor,
+                          ) -> tuple[float, Sequence[torch.Tensor | None]]:
+        """The loss and the (scaled) gradients of ``params``: replayed from a captured graph,
+        captured now, or computed eagerly. Runs with no dispatch mode active."""
+        self._fold()  # a captured graph writes the counts from row 0
+        leaves, tree = pytree.tree_flatten(batch)
+        tensors = [x for x in leaves if isinstance(x, torch.Tensor)]
+        buffers = list(model.buffers())
+        key = (model.training, str(tree), tuple(id(p) for p in params),
+               tuple(id(b) for b in buffers),
+               tuple((tuple(x.shape), x.dtype, x.device, x.requires_grad) for x in tensors),
+               tuple(repr(x) for x in leaves if not isinstance(x, torch.Tensor)))
+        graph = self._graphs.get(key)
+        if not self.capture:
+            graph = self._telemetry.execution = "eager: capture is off"
+        elif graph is None and len(self._graphs) >= 8:
+            graph = self._telemetry.execution = "eager: the step changed shape or non-tensor " \
+                "batch values more than 8 times"
+        elif self.recipe.fp8_scaling is not None:
+            graph = self._telemetry.execution = \
+                "eager: per-tensor scaling reads each operand's amax on the host"
+        if isinstance(graph, _Captured):
+            with torch.no_grad():
+                out, grads = graph.module(params, buffers, tensors, scale, self._step_key,
+                                          self._counts)
+            self._rows.extend(graph.rows)
+            return float(out), grads
+
+        def step(params: list[torch.nn.Parameter], buffers: list[torch.Tensor],
+                 tensors: list[torch.Tensor], scale: torch.Tensor, step_key: torch.Tensor,
+                 counts: torch.Tensor) -> tuple[torch.Tensor, Sequence[torch.Tensor | None]]:
+            it = iter(tensors)
+            b = pytree.tree_unflatten(
+                [next(it) if isinstance(x, torch.Tensor) else x for x in leaves], tree)
+            with self._mode:
+                with self.phase_("forward"):
+                    out = loss(model, b)
+                with self.phase_("backward"):
+                    # the scale enters as the loss's gradient (GradScaler multiplies the fp32
+                    # loss; no fp16 op ever holds the scale itself)
+                    grads = torch.autograd.grad(out, params, scale.to(out.dtype).expand_as(out),
+                                                allow_unused=True)
+            results.append((out.detach(), grads))
+            return out.detach(), grads
+
+        args = (params, buffers, tensors, scale, self._step_key, self._counts)
+        results: list[tuple[torch.Tensor, Sequence[torch.Tensor | None]]] = []
+        if graph is not None:  # eager: capture is off, or this step cannot be captured
+            out, grads = step(*args)
+            return float(out), grads
+        rows, self._tracing, self._why_not = len(self._rows), True, None
+        rng = torch.get_rng_state()
+        saved = [b.clone() for b in buffers]
+        try:
+            module = make_fx(step, tracing_mode="real")(*args)
+        except Exception as e:  # what the tracer cannot follow runs eagerly
+            # undo what the attempt did, then run the step as if no capture was tried
+            self._counts[rows:len(self._rows)].zero_()
+            del self._rows[rows:]
+            torch.set_rng_state(rng)
+            with torch.no_grad():
+                for b, old in zip(buffers, saved, strict=True):
+                    b.copy_(old)
+            why = self._why_not or f"capture failed ({type(e).__name__}: {e})"
+            self._graphs[key] = self._telemetry.execution = f"eager: {why}"
+            out, grads = step(*args)
+            return float(out), grads
+        finally:
+            self._tracing = False
+        # a tensor the step reads from outside (not a parameter, buffer or in the batch)
+        # would be frozen into the graph; constants the step creates itself are fine
+        if self._why_not is None and any(
+                n.op == "get_attr" and any(u.target is not aten.lift_fresh_copy.default
+                                           for u in n.users) for n in module.graph.nodes):
+            self._why_not = "it reads a tensor that is neither a parameter, a buffer nor " \
+                "part of the batch"
+        if self._why_not is None:
+            for n in module.graph.nodes:  # replay calls the kernel with no dispatch around it
+                if n.target is torch.ops.hwport.round.default:
+                    n.target = _round
+            module.recompile()
+            self._graphs[key] = _Captured(module, tuple(self._rows[rows:]))
+            if self._telemetry.execution == "":
+                self._telemetry.execution = "captured"
+        else:
+            self._graphs[key] = self._telemetry.execution = f"eager: {self._why_not}"
+        out, grads = results[-1]  # the traced run computed this step's results
+        return float(out), grads
 
     def _update_is_native(self) -> bool:
         """Whether the optimizer's arithmetic needs no rounding (fp32 master and state)."""
@@ -572,6 +765,14 @@ class Emulator:
             self.scale *= policy.growth
             self._growth_tracker = 0
         return False
+
+
+@dataclass(frozen=True)
+class _Captured:
+    """A step's forward and backward as a graph, and the telemetry rows its roundings fill."""
+
+    module: torch.fx.GraphModule
+    rows: tuple[tuple[str, int], ...]
 
 
 class _Mode(TorchDispatchMode):  # type: ignore[no-untyped-call]

@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import math
+import os
 import struct
 import sys
 from dataclasses import dataclass
@@ -44,6 +45,9 @@ except ImportError:  # pragma: no cover - a build without the C extension
     _kernels = None
 
 NATIVE_KERNEL = _kernels is not None  # whether numpy and CPU torch use the C kernel
+# threads the C kernel may use on a large buffer (results do not depend on it)
+_THREADS = int(os.environ.get("HWPORT_THREADS", 0)) or (
+    len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
 
 
 A = TypeVar("A")
@@ -125,10 +129,15 @@ def kernel_params(
 ) -> KernelParams:
     """The kernel parameters for rounding ``width``-bit floats into ``fmt``."""
     base = _base_params(fmt, width, rounding, saturate, rbits)
-    if seed is None or rounding is not Rounding.STOCHASTIC:
-        return base
+    return base if seed is None else with_seed(base, seed)
+
+
+def with_seed(p: KernelParams, seed: int) -> KernelParams:
+    """``p`` drawing its stochastic rounding bits from ``seed`` (unchanged for other modes)."""
+    if p.mode != _MODES[Rounding.STOCHASTIC]:
+        return p
     key = _splitmix64(seed & 0xFFFFFFFFFFFFFFFF)
-    return dataclasses.replace(base, key0=key & 0xFFFFFFFF, key1=key >> 32)
+    return dataclasses.replace(p, key0=key & 0xFFFFFFFF, key1=key >> 32)
 
 
 @lru_cache(maxsize=4096)
@@ -445,24 +454,22 @@ def _quantize_numpy(x: Any, fmt: FloatFormat, mode: Rounding, seed: int | None,
     src = np.require(arr, np.float32 if width == 32 else np.float64, "C")
     p = kernel_params(fmt, width, mode, seed, saturate, rbits)
     out = np.empty_like(src)
-    if _kernels is not None:
-        _kernels.quantize(src, out, p.width, p.m, p.emin, p.esub, p.ftz, p.gap, p.overflow,
-                          p.mode, p.rbits, p.max_bits, p.inf_bits, p.maxsub_bits,
-                          p.minnorm_bits, p.nan_bits, p.key0, p.key1)
-    else:  # pragma: no cover
-        out = quantize_xp_numpy(src, p)
+    round_into(src, out, p)
     out = out.astype(arr.dtype) if narrow is not None else out
     return out if isinstance(x, np.ndarray) else out[()]
 
 
-def round_into(src: np.ndarray, arr: np.ndarray, p: KernelParams) -> tuple[int, int, int]:
+def round_into(src: np.ndarray, arr: np.ndarray, p: KernelParams,
+               threads: int | None = None) -> tuple[int, int, int]:
     """Write ``src`` rounded into ``arr`` (C-contiguous, same shape and dtype; ``arr`` may
-    be ``src``, rounding in place). Returns the counts of (finite values that overflowed,
+    be ``src``, rounding in place), with up to ``threads`` threads (default: the available
+    cores, ``HWPORT_THREADS``). Returns the counts of (finite values that overflowed,
     nonzero values that became zero, inf/NaN inputs)."""
     if _kernels is not None:
         counts: tuple[int, int, int] = _kernels.quantize(
             src, arr, p.width, p.m, p.emin, p.esub, p.ftz, p.gap, p.overflow, p.mode, p.rbits,
-            p.max_bits, p.inf_bits, p.maxsub_bits, p.minnorm_bits, p.nan_bits, p.key0, p.key1)
+            p.max_bits, p.inf_bits, p.maxsub_bits, p.minnorm_bits, p.nan_bits, p.key0, p.key1,
+            threads or _THREADS)
         return counts
     before = src.copy()  # pragma: no cover - the C kernel is missing
     arr[...] = quantize_xp_numpy(before, p)
@@ -494,9 +501,7 @@ def _quantize_torch(x: Any, fmt: FloatFormat, mode: Rounding, seed: int | None,
     p = kernel_params(fmt, width, mode, seed, saturate, rbits)
     if native and _kernels is not None and src.device.type == "cpu":
         out = torch.empty_like(src)
-        _kernels.quantize(src.numpy(), out.numpy(), p.width, p.m, p.emin, p.esub, p.ftz,
-                          p.gap, p.overflow, p.mode, p.rbits, p.max_bits, p.inf_bits,
-                          p.maxsub_bits, p.minnorm_bits, p.nan_bits, p.key0, p.key1)
+        round_into(src.numpy(), out.numpy(), p)
     else:
         out = _torch_xp(src, p)
     return out.to(x.dtype) if narrow is not None else out

@@ -16,7 +16,6 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -174,9 +173,9 @@ def _evaluate(p: Pipeline, model: torch.nn.Module, em: Emulator) -> dict[str, fl
 
 
 def _train(p: Pipeline, spec: BackendSpec, recipe: Recipe, seed: int,
-           progress: Progress | None) -> tuple[_Trained, list[str]]:
+           progress: Progress | None, capture: bool = True) -> tuple[_Trained, list[str]]:
     lowered = lower(recipe, spec)
-    em = Emulator(lowered, seed)
+    em = Emulator(lowered, seed, capture)
     with _seeded(seed):
         model = p.model()
         batches = p.batches(seed)
@@ -189,7 +188,7 @@ def _train(p: Pipeline, spec: BackendSpec, recipe: Recipe, seed: int,
             for step in range(p.steps):
                 with em.phase_("control"):  # loading data is not part of the emulated step
                     batch = next(batches)
-                loss = em.train_step(partial(p.loss, model, batch), optimizer, model)
+                loss = em.train_step(model, p.loss, batch, optimizer)
                 point: dict[str, float] = {"step": step + 1, "loss": loss}
                 if not math.isfinite(loss):
                     finite = False
@@ -247,8 +246,13 @@ _REFERENCE: dict[tuple[str, int], _Trained] = {}
 def run(backend: str | BackendSpec, pipeline: str | Pipeline | PipelineFactory,
         mode: str = "train", recipe: str | Recipe = "amp-bf16", *, steps: int | None = None,
         seed: int = 0, options: dict[str, Any] | None = None,
-        rules: OutcomeRules | None = None, progress: Progress | None = None) -> RunResult:
-    """Run one cell and classify it against the reference (see the module docstring)."""
+        rules: OutcomeRules | None = None, progress: Progress | None = None,
+        capture: bool = True) -> RunResult:
+    """Run one cell and classify it against the reference (see the module docstring).
+
+    ``capture=False`` runs every training step eagerly under the dispatch mode (same results,
+    slower): for a step whose Python does something different from one call to the next
+    with the same batch shapes (see :meth:`Emulator.train_step`)."""
     if mode not in MODES:
         raise HwportError(f"mode {mode!r}: must be one of {list(MODES)}")
     spec, rec = _spec(backend), _recipe(recipe)
@@ -260,7 +264,7 @@ def run(backend: str | BackendSpec, pipeline: str | Pipeline | PipelineFactory,
         if spec.name == "reference" and rec.name == "fp32":
             got, notes = ref, list[str]()
         else:
-            got, notes = _train(p, spec, rec, seed, progress)
+            got, notes = _train(p, spec, rec, seed, progress, capture)
         outcome = rules.train(got.initial["val_loss"], got.metrics.get("val_loss", math.nan),
                               ref.metrics["val_loss"], got.finite)
         return RunResult(spec.name, p.name, mode, rec.name, seed, p.steps, outcome,
@@ -318,7 +322,7 @@ def compare(backends: Sequence[str] | None = None, pipelines: Sequence[str] | No
             modes: Sequence[str] = MODES, recipe: str | Recipe = "amp-bf16", *,
             steps: int | None = None, seed: int = 0, rules: OutcomeRules | None = None,
             on_cell: Callable[[str, Progress | None], Progress | None] | None = None,
-            ) -> Comparison:
+            capture: bool = True) -> Comparison:
     """Every (pipeline, mode, backend) cell; default: all registered backends, the
     built-in pipelines, both modes."""
     reg = plugins.registry()
@@ -337,5 +341,6 @@ def compare(backends: Sequence[str] | None = None, pipelines: Sequence[str] | No
             for b in names:
                 label = f"{pname} {mode} on {b}"
                 progress = on_cell(label, None) if on_cell else None
-                cells.append(run(b, p, mode, rec, seed=seed, rules=rules, progress=progress))
+                cells.append(run(b, p, mode, rec, seed=seed, rules=rules, progress=progress,
+                                 capture=capture))
     return Comparison(rec.name, seed, cells)

@@ -33,6 +33,15 @@ def test_run_train_json_to_stdout(cache: Path) -> None:
     assert data["backend"] == "dojo" and data["mode"] == "train" and data["framework"] == "torch"
     assert data["outcome"] in ("converged", "degraded", "stalled", "diverged")
     assert len(data["curve"]) == 20 and data["curve"][-1]["step"] == 20
+    assert data["telemetry"]["execution"] == "captured"
+    eager = hwport("run", "-b", "dojo", "-p", "digits", "--steps", "20", "--eager", "--json",
+                   "-", cache=cache)
+    assert eager.returncode == 0, eager.stderr
+    slow = json.loads(eager.stdout)
+    assert slow["telemetry"].pop("execution") == "eager: capture is off"
+    data["telemetry"].pop("execution")
+    assert (slow["curve"], slow["metrics"], slow["telemetry"]) == \
+        (data["curve"], data["metrics"], data["telemetry"])
 
 
 def test_run_infer_prints_a_table_and_writes_json(cache: Path, tmp_path: Path) -> None:

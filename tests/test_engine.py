@@ -131,7 +131,7 @@ def train(em: Emulator, p: Pipeline, steps: int,
             for _ in range(steps):
                 with em.phase_("control"):
                     batch = next(batches)
-                losses.append(em.train_step(lambda b=batch: p.loss(model, b), optimizer, model))
+                losses.append(em.train_step(model, p.loss, batch, optimizer))
                 if after_step:
                     with em.phase_("control"):
                         after_step(model, optimizer)
@@ -369,7 +369,7 @@ def tiny_loop(backend: str, recipe: Recipe, steps: int, factor: float = 1.0,
         em.prepare(m)
         opt = torch.optim.AdamW(m.parameters(), lr=1e-3, foreach=False)
         for _ in range(steps):
-            em.train_step(lambda: fn(m, x, y), opt, m)
+            em.train_step(m, lambda m, b: fn(m, *b), (x, y), opt)
     return em, m, w0
 
 
@@ -509,3 +509,78 @@ def test_nan_loss_is_the_diverged_outcome(backend: str) -> None:
     assert all(math.isfinite(pt["loss"]) for pt in r.curve[:-1])
     d = r.to_dict()
     assert d["curve"][-1]["loss"] == "nan"
+
+
+# -- captured steps are the eager steps ----------------------------------------------------------
+def lm(steps: int = 4) -> Pipeline:
+    return runner.resolve_pipeline("lm", steps, {"d_model": 32, "heads": 2, "layers": 1,
+                                                 "context": 16, "batch_size": 4})
+
+
+def run_both(backend: str, recipe: str | Recipe, p: Pipeline, steps: int
+             ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The same training with captured steps and with eager steps: losses, parameter bits,
+    telemetry."""
+    out = []
+    for capture in (True, False):
+        em = emulator(backend, recipe)
+        em.capture = capture
+        model, losses = train(em, p, steps)
+        tele = em.telemetry.to_dict()
+        out.append({"losses": losses, "execution": tele.pop("execution"), "telemetry": tele,
+                    "params": [q.detach().clone() for q in model.parameters()]})
+    return out[0], out[1]
+
+
+STOCHASTIC_UPDATES = Recipe("sr-bf16", "pure bf16, stochastically rounded updates",
+                            matmul_input="bf16", activations="bf16",
+                            weights="bf16", gradients="bf16", optimizer_state="bf16",
+                            update_rounding="stochastic")
+
+
+@pytest.mark.parametrize(("backend", "recipe", "pipeline"), [
+    ("simgpu", "amp-bf16", "lm"), ("simgpu", "amp-fp16", "digits"),
+    ("dojo", "amp-fp16", "lm"), ("dojo", STOCHASTIC_UPDATES, "digits"),
+    ("dataflow", "pure-bf16", "lm"), ("dataflow", "amp-bf16", "digits"),
+])
+def test_captured_steps_are_bit_identical_to_eager_steps(backend: str, recipe: str | Recipe,
+                                                         pipeline: str) -> None:
+    p = lm() if pipeline == "lm" else digits()
+    captured, eager = run_both(backend, recipe, p, 4)
+    assert captured["execution"] == "captured"
+    assert eager["execution"] == "eager: capture is off"
+    assert captured["losses"] == eager["losses"]
+    assert captured["telemetry"] == eager["telemetry"]
+    assert captured["telemetry"]["rounding"]  # the emulation did round
+    for a, b in zip(captured["params"], eager["params"], strict=True):
+        assert torch.equal(a, b)
+
+
+def test_a_step_that_reads_values_on_the_host_runs_eagerly() -> None:
+    base = digits()
+
+    def loss(m: nn.Module, batch: Any) -> torch.Tensor:
+        value = base.loss(m, batch)
+        return value * 2 if value.item() > 100 else value  # data-dependent control flow
+
+    p = dataclasses.replace(base, loss=loss)
+    captured, eager = run_both("simgpu", "amp-bf16", p, 3)
+    assert captured["execution"].startswith("eager: it reads tensor values on the host")
+    assert captured["losses"] == eager["losses"]
+
+
+def test_a_step_that_reads_an_outside_tensor_runs_eagerly() -> None:
+    base = digits()
+    weight = torch.ones(())
+
+    def loss(m: nn.Module, batch: Any) -> torch.Tensor:
+        weight.add_(1.0)  # state the step does not receive as input: not capturable
+        return base.loss(m, batch) * weight
+
+    p = dataclasses.replace(base, loss=loss)
+    em = emulator("simgpu", "amp-bf16")
+    _, losses = train(em, p, 3)
+    assert em.telemetry.execution.startswith("eager: it reads a tensor that is neither")
+    weight.fill_(1.0)
+    _, again = train(emulator("simgpu", "amp-bf16"), p, 3)
+    assert losses == again

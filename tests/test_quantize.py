@@ -719,3 +719,31 @@ def test_round_scalar_toward_zero_never_overflows_to_inf(name: str, x: float, mx
     assert round_scalar(x * (1 + 2**-30), name, "toward_zero") == mx  # off the grid: fine
     assert round_scalar(x, name, "toward_zero") == mx
     assert round_scalar(-x, name, "toward_zero") == -mx
+
+
+@pytest.mark.parametrize("width", [32, 64])
+@pytest.mark.parametrize("mode", MODES)
+def test_threads_do_not_change_a_bit(width: int, mode: str) -> None:
+    """The C kernel splits large buffers across threads: results and counts are those of
+    one thread, whatever the split (an odd length, so the last range is partial)."""
+    from hwport import rounding
+
+    if rounding._kernels is None:
+        pytest.skip("built without the C kernel")
+    dtype = np.float32 if width == 32 else np.float64
+    rng = np.random.default_rng(7)
+    x = (rng.standard_normal(300_001) * 2.0 ** rng.integers(-150, 20, 300_001)).astype(dtype)
+    x[::997] = np.inf
+    x[::1009] = np.nan
+    p = kernel_params(F.get("e4m3fn"), width, Rounding(mode), SEED, None, 23)
+    args = (p.width, p.m, p.emin, p.esub, p.ftz, p.gap, p.overflow, p.mode, p.rbits,
+            p.max_bits, p.inf_bits, p.maxsub_bits, p.minnorm_bits, p.nan_bits, p.key0, p.key1)
+    outs, counts = [], []
+    for threads in (1, 2, 3, 8):
+        out = np.empty_like(x)
+        counts.append(rounding._kernels.quantize(x, out, *args, threads))
+        outs.append(out.view(np.uint32 if width == 32 else np.uint64))
+    assert all(np.array_equal(outs[0], o) for o in outs[1:])
+    assert len(set(counts)) == 1 and counts[0][0] > 0 and counts[0][2] > 0
+    want = quantize_xp_numpy(x, p).view(outs[0].dtype)
+    assert np.array_equal(outs[0], want)
