@@ -373,6 +373,10 @@ def compare(
     json_path: Annotated[Path | None, typer.Option("--json", help="Write the comparison as "
                                                    "JSON to PATH (- for stdout).")] = None,
     capture: CaptureOption = True,
+    port_search: Annotated[bool, typer.Option("--port", help="For each cell not at parity, "
+                                              "search the mitigations that restore it and "
+                                              "show the effort.")] = False,
+    budget: Annotated[int, typer.Option(help="With --port: most runs per cell.")] = 8,
 ) -> None:
     """Run pipelines x modes on every backend and print the outcomes side by side."""
     from hwport import runner
@@ -383,8 +387,21 @@ def compare(
     with _Bars(len(names) * len(pipes) * len(mode_list)) as bars:
         comparison = runner.compare(names, pipes, mode_list, recipe, steps=steps, seed=seed,
                                     on_cell=bars.on_cell, capture=capture)
+    ports: dict[tuple[str, str, str], Any] = {}
+    if port_search:
+        from hwport import porting
+
+        def show(t: Any) -> None:
+            err.print(f"  trial {', '.join(t.mitigations) or '(as written)'}: {t.outcome} "
+                      f"({t.wall_s:.1f} s)", highlight=False)
+
+        for r in porting.efforts(comparison, budget, on_trial=show):
+            ports[(r.backend, r.pipeline, r.mode)] = r
     if json_path is not None:
-        _write_json(json_path, comparison.to_dict())
+        data = comparison.to_dict()
+        if port_search:
+            data["port"] = [r.to_dict() for r in ports.values()]
+        _write_json(json_path, data)
     if json_path is not None and str(json_path) == "-":
         return
     table = Table(title=f"hwport compare: recipe {comparison.recipe}, seed {seed}",
@@ -395,11 +412,68 @@ def compare(
     for p in pipes:
         for m in mode_list:
             row = [c for c in comparison.cells if c.pipeline == p and c.mode == m]
-            table.add_row(f"{p}\n{m}", *(_cell_text(c) for c in row))
+            table.add_row(f"{p}\n{m}", *(_cell_text(c) + (
+                f"\n[bold]{escape(_effort_text(ports[c.backend, p, m]))}[/]" if ports else "")
+                for c in row))
     out.print(table)
     notes = {(c.backend, n) for c in comparison.cells for n in c.lowering}
     for b, n in sorted(notes):
         out.print(f"[dim]{b}: {escape(n)}[/]", highlight=False)
+
+
+@app.command()
+def port(
+    backend: Annotated[str, typer.Option("--backend", "-b", help="Backend name.")],
+    pipeline: Annotated[str, typer.Option("--pipeline", "-p",
+                                          help="Pipeline name or package.module:factory.")],
+    recipe: Annotated[str, typer.Option(help="Recipe name (written for simgpu).")] = "amp-bf16",
+    mode: Annotated[str, typer.Option(help="train or infer.")] = "train",
+    budget: Annotated[int, typer.Option(help="Most runs in all, the first included.")] = 8,
+    steps: Annotated[int | None, typer.Option(help="Training steps (pipeline default).")] = None,
+    seed: Annotated[int, typer.Option(help="Seed of data, initialisation, rounding.")] = 0,
+    corpus: Annotated[str | None, typer.Option(help="Text file for the lm pipeline.")] = None,
+    option: Annotated[list[str] | None, typer.Option("--option", "-o",
+                                                     help="Pipeline option key=value.")] = None,
+    json_path: Annotated[Path | None, typer.Option("--json", help="Write the result as "
+                                                   "JSON to PATH (- for stdout).")] = None,
+) -> None:
+    """Find the smallest set of mitigations that brings a recipe to parity on a backend."""
+    from hwport import porting
+
+    def show(t: Any) -> None:
+        err.print(f"  trial {', '.join(t.mitigations) or '(as written)'}: {t.outcome} "
+                  f"({t.wall_s:.1f} s)", highlight=False)
+
+    result = porting.port(backend, pipeline, recipe, mode, budget=budget, steps=steps,
+                          seed=seed, options=_options(corpus, option), on_trial=show)
+    if json_path is not None:
+        _write_json(json_path, result.to_dict())
+    if json_path is None or str(json_path) != "-":
+        _print_port(result)
+
+
+def _effort_text(r: Any) -> str:
+    if r.effort == 0:
+        return "ports as is (effort 0)"
+    if r.effort is None:
+        return f"no fix within {r.trials} trials"
+    return f"effort {r.effort}: " + " + ".join(m["name"] for m in r.mitigations)
+
+
+def _print_port(r: Any) -> None:
+    out.print(f"[bold]{r.pipeline} {r.mode} on {r.backend}, recipe {r.recipe}[/]: "
+              f"{r.outcome_before} -> {r.outcome_after}; {_effort_text(r)}; {r.trials} "
+              f"trials, {r.emulated_s:.1f} s emulated", highlight=False)
+    for signal, text in r.evidence.items():
+        out.print(f"  evidence {signal}: {escape(text)}", highlight=False)
+    for m in r.mitigations:
+        out.print(f"  needed {m['name']} ({escape(m['changes'])}): {escape(m['evidence'])}",
+                  highlight=False)
+    for t in r.rejected:
+        out.print(f"  tried {' + '.join(t.mitigations)}: {t.outcome}", highlight=False)
+    if r.not_applicable:
+        out.print(f"  not applicable on {r.backend}: {', '.join(r.not_applicable)}",
+                  highlight=False)
 
 
 @app.command()

@@ -237,6 +237,9 @@ class Emulator:
         self._site = 0
         self._masters: dict[torch.Tensor, torch.Tensor] = {}
         self._params: set[int] = set()  # data pointers of parameters during the update
+        self._compensation: dict[int, torch.Tensor] = {}  # Kahan: per parameter storage
+        self._base_lr: list[float] = []
+        self._applied = 0  # optimizer steps taken (skipped steps excluded)
         self._kinds: dict[Any, str] = {}
         self._known: dict[int, tuple[torch.Tensor, int, FloatFormat]] = {}
         self._copies: dict[tuple[int, str], tuple[torch.Tensor, int, torch.Tensor]] = {}
@@ -517,7 +520,18 @@ class Emulator:
         rounding = Rounding(self.recipe.update_rounding)
         for t, old in zip(params, before, strict=True):
             exact_changed = t != old
-            self.round_(t, fmt, "optimizer/weights", rounding)
+            comp = self._compensation.get(t.data_ptr()) if self.recipe.kahan_updates else None
+            if comp is not None:  # Kahan: the error this write leaves goes into the next one
+                t.add_(comp)
+                exact = t.clone()
+                self.round_(t, fmt, "optimizer/weights", rounding)
+                torch.sub(exact, t, out=comp)
+            else:
+                if self.recipe.kahan_updates:
+                    exact = t.clone()
+                self.round_(t, fmt, "optimizer/weights", rounding)
+                if self.recipe.kahan_updates:
+                    self._compensation[t.data_ptr()] = exact - t
             self.telemetry.updates_attempted += int(exact_changed.sum())
             self.telemetry.updates_lost += int((exact_changed & (t == old)).sum())
         # optimizer state: not parameters, not scalars (a step counter stays exact, as in
@@ -628,6 +642,8 @@ class Emulator:
                     w.data, self._masters[w] = master, w.data
         if not skip:
             self._params = {p.data_ptr() for p in model.parameters()}
+            if self.recipe.warmup_steps:
+                self._warmup(optimizer)
             with self.phase_("control" if self._update_is_native() else "optimizer"):
                 optimizer.step()
             with self.phase_("control"), torch.no_grad():
@@ -732,6 +748,15 @@ class Emulator:
             self._graphs[key] = self._telemetry.execution = f"eager: {self._why_not}"
         out, grads = results[-1]  # the traced run computed this step's results
         return float(out), grads
+
+    def _warmup(self, optimizer: torch.optim.Optimizer) -> None:
+        """Linear learning-rate warmup over the recipe's ``warmup_steps`` (applied steps)."""
+        if not self._base_lr:
+            self._base_lr = [float(g["lr"]) for g in optimizer.param_groups]
+        factor = min(1.0, (self._applied + 1) / self.recipe.warmup_steps)
+        for g, lr in zip(optimizer.param_groups, self._base_lr, strict=True):
+            g["lr"] = lr * factor
+        self._applied += 1
 
     def _update_is_native(self) -> bool:
         """Whether the optimizer's arithmetic needs no rounding (fp32 master and state)."""

@@ -20,7 +20,7 @@ import pluggy
 if TYPE_CHECKING:
     from hwport.formats import FloatFormat
     from hwport.pipeline import PipelineFactory
-    from hwport.recipes import Recipe
+    from hwport.recipes import Mitigation, Recipe
     from hwport.spec import BackendSpec
 
 PROJECT = "hwport"
@@ -50,4 +50,10 @@ def hwport_recipes() -> Sequence[Recipe]:
 @hookspec
 def hwport_pipelines() -> Sequence[PipelineFactory]:
     """Pipelines (training + inference programs) to offer by name."""
+    raise NotImplementedError
+
+
+@hookspec
+def hwport_mitigations() -> Sequence[Mitigation]:
+    """Mitigations (named recipe changes a port may need) for ``hwport port`` to try."""
     raise NotImplementedError

@@ -22,7 +22,7 @@ from hwport import hookspecs
 from hwport.errors import HwportError, UnknownNameError
 from hwport.formats import FloatFormat
 from hwport.pipeline import PipelineFactory
-from hwport.recipes import Recipe
+from hwport.recipes import Mitigation, Recipe
 from hwport.spec import BackendSpec
 
 
@@ -67,6 +67,7 @@ class Registry:
     backends: dict[str, Backend] = field(default_factory=dict)
     recipes: dict[str, Recipe] = field(default_factory=dict)
     pipelines: dict[str, PipelineFactory] = field(default_factory=dict)
+    mitigations: dict[str, Mitigation] = field(default_factory=dict)
     providers: dict[tuple[str, str], str] = field(default_factory=dict)  # (kind, name): plugin
     failures: list[PluginFailure] = field(default_factory=list)
     origins: dict[str, str] = field(default_factory=dict)
@@ -129,8 +130,9 @@ class Registry:
                 specs = self._call(plugin, "hwport_backends", BackendSpec)
                 recipes = self._call(plugin, "hwport_recipes", Recipe)
                 pipelines = self._call(plugin, "hwport_pipelines", PipelineFactory)
+                mitigations = self._call(plugin, "hwport_mitigations", Mitigation)
                 for kind, items in (("backend", specs), ("recipe", recipes),
-                                    ("pipeline", pipelines)):
+                                    ("pipeline", pipelines), ("mitigation", mitigations)):
                     for item in items:
                         owner = self.providers.get((kind, item.name))
                         if owner is not None:
@@ -143,7 +145,9 @@ class Registry:
                 self.backends[spec.name] = Backend(spec, name, self.origins[name])
             self.recipes.update((r.name, r) for r in recipes)
             self.pipelines.update((p.name, p) for p in pipelines)
-            for kind, items in (("backend", specs), ("recipe", recipes), ("pipeline", pipelines)):
+            self.mitigations.update((m.name, m) for m in mitigations)
+            for kind, items in (("backend", specs), ("recipe", recipes), ("pipeline", pipelines),
+                                ("mitigation", mitigations)):
                 self.providers.update(((kind, i.name), name) for i in items)
             self.collected.add(name)
 

@@ -10,7 +10,9 @@ path (simgpu); :func:`lower` maps one onto another backend, recording every subs
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from hwport.errors import HwportError, UnknownNameError
 from hwport.formats import FloatFormat
@@ -45,11 +47,20 @@ class FP8Scaling:
 
     ``scale = max(fmt) / amax / 2**margin``, with ``amax`` the largest magnitude seen at
     that matmul input over the last ``history`` steps (``history=0``: the current tensor's,
-    "current scaling").
+    "current scaling"). The scale is a power of two, so choosing it is the same as choosing
+    a per-tensor exponent bias (``mechanism="bias"``: Dojo's configurable CFP8 bias, which
+    needs ``configurable_exponent_bias``; ``"scale"`` needs ``fp8_per_tensor_scaling``).
     """
 
     history: int = 16
     margin: int = 0
+    mechanism: str = "scale"  # or "bias": Dojo CFP8's per-tensor exponent-bias selection
+
+    def __post_init__(self) -> None:
+        if self.mechanism not in ("scale", "bias"):
+            raise HwportError(f"fp8 scaling mechanism {self.mechanism!r}: must be 'scale' "
+                              "(a scale factor per tensor) or 'bias' (an exponent bias per "
+                              "tensor)")
 
 
 @dataclass(frozen=True)
@@ -64,7 +75,10 @@ class Recipe:
     or a scaled loss stays fp32). ``weights`` is the format the
     model's parameters are stored in for compute; ``master_weights`` (None: no master copy)
     the format the optimizer updates; ``gradients`` and ``optimizer_state`` likewise.
-    ``update_rounding`` rounds the results of optimizer updates (nearest or stochastic).
+    ``update_rounding`` rounds the results of optimizer updates (nearest or stochastic);
+    ``kahan_updates`` carries each parameter's rounding error into its next update
+    (compensated summation); ``warmup_steps`` ramps the learning rate linearly from
+    1/warmup_steps of its value over that many steps.
     """
 
     name: str
@@ -81,6 +95,8 @@ class Recipe:
     loss_scaling: LossScaling | None = None
     fp8_scaling: FP8Scaling | None = None
     autocast: bool = False
+    kahan_updates: bool = False
+    warmup_steps: int = 0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "fp32_ops", tuple(self.fp32_ops))
@@ -134,6 +150,54 @@ BUILTIN: tuple[Recipe, ...] = (
 )
 
 
+# Telemetry signals (see diagnose): what a run's counters say went wrong.
+SIGNALS = {
+    "gradient_underflow": "nonzero gradient values flushed to zero in backward",
+    "gradient_overflow": "overflow or inf/NaN while computing gradients",
+    "forward_overflow": "overflow or inf/NaN in forward activations",
+    "matmul_input_range": "8-bit matmul inputs overflowed or underflowed",
+    "lost_updates": "weight updates lost to rounding",
+    "diverged": "training diverged (NaN or inf loss)",
+}
+
+
+@dataclass(frozen=True)
+class Mitigation:
+    """A documented change to a recipe that a port may need.
+
+    ``changes`` are the recipe fields it sets; ``needs`` the backend capabilities it
+    requires (``BackendSpec.capabilities``), ``signals`` the telemetry signals that point
+    to it, ``effort`` its weight in the effort score (1: a configuration switch, 2: a change
+    to the training code, 3: a change to the model or optimizer's numerics).
+    """
+
+    name: str
+    description: str
+    changes: Mapping[str, Any]
+    needs: tuple[str, ...] = ()
+    signals: tuple[str, ...] = ()
+    effort: int = 1
+
+    def __post_init__(self) -> None:
+        known = {f.name for f in dataclasses.fields(Recipe)} - {"name", "description"}
+        bad = sorted(set(self.changes) - known)
+        if bad:
+            raise HwportError(f"mitigation {self.name!r}: changes unknown recipe fields {bad}; "
+                              f"fields are {sorted(known)}")
+        unknown = sorted(set(self.signals) - set(SIGNALS))
+        if unknown:
+            raise HwportError(f"mitigation {self.name!r}: unknown signals {unknown}; "
+                              f"signals are {sorted(SIGNALS)}")
+        if self.effort < 1:
+            raise HwportError(f"mitigation {self.name!r}: effort {self.effort} must be >= 1")
+
+    def applies_to(self, spec: BackendSpec) -> bool:
+        return set(self.needs) <= spec.capabilities
+
+    def apply(self, recipe: Recipe) -> Recipe:
+        return dataclasses.replace(recipe, **self.changes)
+
+
 @dataclass(frozen=True)
 class Lowered:
     """A recipe as one backend can run it, with the notes of what changed."""
@@ -184,9 +248,13 @@ def lower(recipe: Recipe, spec: BackendSpec) -> Lowered:
         changes["update_rounding"] = "nearest"
         notes.append(f"update_rounding: stochastic -> nearest ({spec.name} has no stochastic "
                      "rounding)")
-    if recipe.fp8_scaling is not None and "fp8_per_tensor_scaling" not in spec.precision.features:
+    need = {"scale": "fp8_per_tensor_scaling", "bias": "configurable_exponent_bias"}
+    if recipe.fp8_scaling is not None \
+            and need[recipe.fp8_scaling.mechanism] not in spec.precision.features:
         changes["fp8_scaling"] = None
-        notes.append(f"fp8_scaling dropped ({spec.name} has no per-tensor FP8 scaling)")
+        what = {"scale": "per-tensor FP8 scaling", "bias": "configurable exponent bias"}
+        notes.append(f"fp8_scaling dropped ({spec.name} has no "
+                     f"{what[recipe.fp8_scaling.mechanism]})")
     lowered = dataclasses.replace(recipe, **changes) if changes else recipe  # type: ignore[arg-type]
     return Lowered(lowered, recipe, spec, tuple(notes))
 

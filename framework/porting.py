@@ -1,0 +1,224 @@
+"""What a port costs: mitigations, the porting search, and the effort score.
+
+A :class:`Mitigation` is a named change to a recipe (data: the recipe fields it sets), with
+what it needs from the backend, the telemetry signals that point to it, and an effort
+weight. :func:`port` runs a recipe on a backend; when the cell is not at parity with the
+reference it diagnoses the run's telemetry, then tries mitigations (those the evidence
+points to first, singly, then in pairs and triples) until one set restores parity or the
+trial budget is spent. docs/porting.md defines the effort score.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from hwport import plugins, runner
+from hwport.errors import HwportError, UnknownNameError
+from hwport.hookspecs import hookimpl
+from hwport.pipeline import Pipeline, PipelineFactory
+from hwport.recipes import FP32_OP_GROUPS, FP8Scaling, LossScaling, Mitigation, Recipe
+from hwport.spec import BackendSpec
+
+BUILTIN: tuple[Mitigation, ...] = (
+    Mitigation("loss-scaling", "dynamic loss scaling whose overflow check reads the backward "
+               "pass's overflow flags, so it also works on hardware that saturates instead of "
+               "producing inf", {"loss_scaling": LossScaling(check="overflow_flags")},
+               signals=("gradient_underflow", "gradient_overflow"), effort=1),
+    Mitigation("fp32-master-weights", "keep an fp32 copy of the weights for the optimizer; "
+               "cast to the weight format after each update",
+               {"master_weights": "fp32", "optimizer_state": "fp32"},
+               signals=("lost_updates",), effort=1),
+    Mitigation("stochastic-updates", "round weight updates stochastically (hardware "
+               "stochastic rounding)", {"update_rounding": "stochastic"},
+               needs=("stochastic_rounding",), signals=("lost_updates",), effort=1),
+    Mitigation("kahan-updates", "Kahan-compensated weight updates: each parameter's rounding "
+               "error is carried into its next update (one extra buffer per parameter)",
+               {"kahan_updates": True}, signals=("lost_updates",), effort=2),
+    Mitigation("fp32-sensitive-ops", "keep softmax, normalisation and the loss in fp32",
+               {"fp32_ops": FP32_OP_GROUPS}, signals=("forward_overflow", "diverged"),
+               effort=1),
+    Mitigation("fp8-delayed-scaling", "per-tensor scaling of 8-bit matmul inputs from an amax "
+               "history of 16 steps", {"fp8_scaling": FP8Scaling(history=16)},
+               needs=("fp8_per_tensor_scaling",), signals=("matmul_input_range",), effort=2),
+    Mitigation("fp8-current-scaling", "per-tensor scaling of 8-bit matmul inputs from the "
+               "tensor's own amax", {"fp8_scaling": FP8Scaling(history=0)},
+               needs=("fp8_per_tensor_scaling",), signals=("matmul_input_range",), effort=2),
+    Mitigation("cfp8-bias-selection", "choose each 8-bit tensor's exponent bias from its "
+               "observed amax (Dojo CFP8's configurable bias)",
+               {"fp8_scaling": FP8Scaling(history=0, mechanism="bias")},
+               needs=("configurable_exponent_bias",), signals=("matmul_input_range",),
+               effort=2),
+    Mitigation("lr-warmup", "ramp the learning rate up linearly over the first 20 steps",
+               {"warmup_steps": 20}, signals=("diverged", "gradient_overflow"), effort=1),
+)
+
+
+@hookimpl
+def hwport_mitigations() -> list[Mitigation]:
+    return list(BUILTIN)
+
+
+def diagnose(result: runner.RunResult) -> dict[str, str]:
+    """The signals a run's telemetry shows, each with its evidence in words."""
+    t = result.telemetry
+    found: dict[str, str] = {}
+    rounding: dict[str, dict[str, int]] = t.get("rounding", {})
+
+    def total(prefix: str, what: str) -> tuple[int, int]:
+        rows = [v for k, v in rounding.items() if k.startswith(prefix)]
+        return sum(r[what] for r in rows), sum(r["elements"] for r in rows)
+
+    under, n = total("backward/", "underflow")
+    if under and under / max(n, 1) > 1e-5:
+        found["gradient_underflow"] = f"{under:,} of {n:,} backward values underflowed to zero"
+    over, _ = total("backward/", "overflow")
+    bad, _ = total("backward/", "nonfinite")
+    if over or bad or t.get("skipped_steps"):
+        found["gradient_overflow"] = (f"{over:,} overflows and {bad:,} inf/NaN in backward, "
+                                      f"{t.get('skipped_steps', 0)} skipped steps")
+    fover, _ = total("forward/elementwise", "overflow")
+    if fover:
+        found["forward_overflow"] = f"{fover:,} forward activations overflowed"
+    for phase in ("forward", "backward"):
+        row = rounding.get(f"{phase}/matmul_input")
+        if row and (row["overflow"] or row["underflow"] / max(row["elements"], 1) > 1e-3):
+            found["matmul_input_range"] = (f"{phase} matmul inputs: {row['overflow']:,} "
+                                           f"overflows, {row['underflow']:,} underflows of "
+                                           f"{row['elements']:,}")
+    lost = t.get("lost_update_fraction", 0.0)
+    if lost > 0.01:
+        found["lost_updates"] = f"{lost:.1%} of weight updates were lost to rounding"
+    if result.outcome == "diverged":
+        found["diverged"] = "the loss became NaN or inf"
+    return found
+
+
+@dataclass
+class Trial:
+    """One run of the search: the mitigations applied and the outcome."""
+
+    mitigations: tuple[str, ...]
+    outcome: str
+    metric: float | None
+    wall_s: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class PortResult:
+    """What porting a recipe to a backend took."""
+
+    backend: str
+    pipeline: str
+    mode: str
+    recipe: str
+    outcome_before: str
+    outcome_after: str
+    mitigations: list[dict[str, str]]  # the set found: name, what it changes, evidence
+    rejected: list[Trial]
+    trials: int
+    emulated_s: float  # wall time of every trial's emulated run
+    effort: int | None  # None: no set within the budget restores parity
+    evidence: dict[str, str] = field(default_factory=dict)
+    not_applicable: list[str] = field(default_factory=list)  # mitigations the backend lacks
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["rejected"] = [t.to_dict() for t in self.rejected]
+        return d
+
+
+AT_PARITY = {"train": "converged", "infer": "parity"}
+
+
+def registered() -> dict[str, Mitigation]:
+    """Every mitigation plugins provide, by name."""
+    return dict(plugins.registry().mitigations)
+
+
+def port(backend: str | BackendSpec, pipeline: str | Pipeline | PipelineFactory,
+         recipe: str | Recipe = "amp-bf16", mode: str = "train", *, budget: int = 8,
+         steps: int | None = None, seed: int = 0, options: dict[str, Any] | None = None,
+         mitigations: Sequence[str] | None = None,
+         on_trial: Callable[[Trial], None] | None = None,
+         before: runner.RunResult | None = None) -> PortResult:
+    """Run ``recipe`` on ``backend``; if it is not at parity, find the smallest set of
+    mitigations (at most ``budget`` runs in all, the first included) that restores it.
+    ``before``: that first run, when it was already made (a comparison's cell).
+    ``mitigations`` limits the search to those names. See the module docstring."""
+    if budget < 1:
+        raise HwportError(f"budget {budget}: must be at least 1 (the run before mitigations)")
+    spec = backend if isinstance(backend, BackendSpec) else plugins.get_backend(backend)
+    rec = recipe if isinstance(recipe, Recipe) else plugins.registry().recipe(recipe)
+    p = runner.resolve_pipeline(pipeline, steps, options)
+    pool = registered()
+    if mitigations is not None:
+        unknown = [m for m in mitigations if m not in pool]
+        if unknown:
+            raise UnknownNameError("mitigation", unknown[0], pool)
+        pool = {m: pool[m] for m in mitigations}
+
+    def trial(chosen: tuple[Mitigation, ...]) -> tuple[runner.RunResult, Trial]:
+        r = rec
+        for m in chosen:
+            r = m.apply(r)
+        result = runner.run(spec, p, mode, r, seed=seed)
+        t = Trial(tuple(m.name for m in chosen), result.outcome,
+                  result.metrics.get(result.metric), result.wall_s)
+        if on_trial:
+            on_trial(t)
+        return result, t
+
+    if before is None:
+        before, first = trial(())
+    else:
+        first = Trial((), before.outcome, before.metrics.get(before.metric), before.wall_s)
+    evidence = diagnose(before)
+    usable = [m for m in pool.values() if m.applies_to(spec)]
+    skipped = sorted(m for m in pool if pool[m] not in usable)
+    out = PortResult(spec.name, p.name, mode, rec.name, before.outcome, before.outcome, [], [],
+                     1, first.wall_s, 0 if before.outcome == AT_PARITY[mode] else None,
+                     evidence, skipped)
+    if out.effort == 0:
+        return out
+
+    # evidence first (the more signals a mitigation answers, the earlier), then cheap ones
+    def rank(m: Mitigation) -> tuple[int, int, str]:
+        return (-sum(s in evidence for s in m.signals), m.effort, m.name)
+
+    ordered = sorted(usable, key=rank)
+    for size in (1, 2, 3):
+        combos = sorted(itertools.combinations(ordered, size),
+                        key=lambda c: (sum(rank(m)[0] for m in c), sum(m.effort for m in c)))
+        for combo in combos:
+            if out.trials >= budget:
+                return out
+            result, t = trial(combo)
+            out.trials += 1
+            out.emulated_s += t.wall_s
+            if result.outcome == AT_PARITY[mode]:
+                out.outcome_after = result.outcome
+                out.effort = sum(m.effort for m in combo)
+                out.mitigations = [
+                    {"name": m.name, "changes": ", ".join(f"{k}={v!r}" for k, v in
+                                                          m.changes.items()),
+                     "evidence": "; ".join(evidence[s] for s in m.signals if s in evidence)
+                     or "no signal pointed to it: found by search"} for m in combo]
+                return out
+            out.rejected.append(t)
+            out.outcome_after = before.outcome
+    return out
+
+
+def efforts(comparison: runner.Comparison, budget: int = 8,
+            on_trial: Callable[[Trial], None] | None = None) -> list[PortResult]:
+    """The porting search for every cell of a comparison (cells at parity cost no trial)."""
+    return [port(c.backend, c.pipeline, comparison.recipe, c.mode, budget=budget,
+                 steps=c.steps, seed=c.seed, on_trial=on_trial, before=c)
+            for c in comparison.cells]
