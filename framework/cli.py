@@ -323,6 +323,14 @@ def _print_run(r: Any) -> None:
         out.print(f"[dim]lowered: {escape(note)}[/]", highlight=False)
 
 
+BackendOption = Annotated[str, typer.Option("--backend", "-b", help="Backend name.")]
+PipelineOption = Annotated[str, typer.Option("--pipeline", "-p",
+                                             help="Pipeline name or package.module:factory.")]
+StepsOption = Annotated[int | None, typer.Option(help="Training steps (pipeline default).")]
+SeedOption = Annotated[int, typer.Option(help="Seed of data, initialisation, rounding.")]
+CorpusOption = Annotated[str | None, typer.Option(help="Text file for the lm pipeline.")]
+OptionOption = Annotated[list[str] | None, typer.Option("--option", "-o",
+                                                        help="Pipeline option key=value.")]
 CaptureOption = Annotated[bool, typer.Option(
     "--capture/--eager", help="Capture each training step as a graph and replay it; --eager "
     "runs every op through the dispatch mode (same results, slower).")]
@@ -330,16 +338,14 @@ CaptureOption = Annotated[bool, typer.Option(
 
 @app.command()
 def run(
-    backend: Annotated[str, typer.Option("--backend", "-b", help="Backend name.")],
-    pipeline: Annotated[str, typer.Option("--pipeline", "-p",
-                                          help="Pipeline name or package.module:factory.")],
+    backend: BackendOption,
+    pipeline: PipelineOption,
     mode: Annotated[str, typer.Option(help="train or infer.")] = "train",
     recipe: Annotated[str, typer.Option(help="Recipe name.")] = "amp-bf16",
-    steps: Annotated[int | None, typer.Option(help="Training steps (pipeline default).")] = None,
-    seed: Annotated[int, typer.Option(help="Seed of data, initialisation, rounding.")] = 0,
-    corpus: Annotated[str | None, typer.Option(help="Text file for the lm pipeline.")] = None,
-    option: Annotated[list[str] | None, typer.Option("--option", "-o",
-                                                     help="Pipeline option key=value.")] = None,
+    steps: StepsOption = None,
+    seed: SeedOption = 0,
+    corpus: CorpusOption = None,
+    option: OptionOption = None,
     json_path: Annotated[Path | None, typer.Option("--json", help="Write the result as "
                                                    "JSON to PATH (- for stdout).")] = None,
     capture: CaptureOption = True,
@@ -368,8 +374,8 @@ def compare(
                                                   "(digits,lm).")] = None,
     modes: Annotated[str, typer.Option(help="Comma-separated modes.")] = "train,infer",
     recipe: Annotated[str, typer.Option(help="Recipe name.")] = "amp-bf16",
-    steps: Annotated[int | None, typer.Option(help="Training steps (pipeline default).")] = None,
-    seed: Annotated[int, typer.Option(help="Seed of data, initialisation, rounding.")] = 0,
+    steps: StepsOption = None,
+    seed: SeedOption = 0,
     json_path: Annotated[Path | None, typer.Option("--json", help="Write the comparison as "
                                                    "JSON to PATH (- for stdout).")] = None,
     capture: CaptureOption = True,
@@ -423,17 +429,15 @@ def compare(
 
 @app.command()
 def port(
-    backend: Annotated[str, typer.Option("--backend", "-b", help="Backend name.")],
-    pipeline: Annotated[str, typer.Option("--pipeline", "-p",
-                                          help="Pipeline name or package.module:factory.")],
+    backend: BackendOption,
+    pipeline: PipelineOption,
     recipe: Annotated[str, typer.Option(help="Recipe name (written for simgpu).")] = "amp-bf16",
     mode: Annotated[str, typer.Option(help="train or infer.")] = "train",
     budget: Annotated[int, typer.Option(help="Most runs in all, the first included.")] = 8,
-    steps: Annotated[int | None, typer.Option(help="Training steps (pipeline default).")] = None,
-    seed: Annotated[int, typer.Option(help="Seed of data, initialisation, rounding.")] = 0,
-    corpus: Annotated[str | None, typer.Option(help="Text file for the lm pipeline.")] = None,
-    option: Annotated[list[str] | None, typer.Option("--option", "-o",
-                                                     help="Pipeline option key=value.")] = None,
+    steps: StepsOption = None,
+    seed: SeedOption = 0,
+    corpus: CorpusOption = None,
+    option: OptionOption = None,
     json_path: Annotated[Path | None, typer.Option("--json", help="Write the result as "
                                                    "JSON to PATH (- for stdout).")] = None,
 ) -> None:

@@ -668,9 +668,11 @@ class Emulator:
         leaves, tree = pytree.tree_flatten(batch)
         tensors = [x for x in leaves if isinstance(x, torch.Tensor)]
         buffers = list(model.buffers())
-        key = (model.training, str(tree), tuple(id(p) for p in params),
-               tuple(id(b) for b in buffers),
-               tuple((tuple(x.shape), x.dtype, x.device, x.requires_grad) for x in tensors),
+        key = (loss, tuple(m.training for m in model.modules()), str(tree),
+               tuple(id(p) for p in params), tuple(id(b) for b in buffers),
+               tuple((tuple(x.shape), x.stride(), x.dtype, x.device, x.requires_grad)
+                     for x in tensors),
+               tuple(next(i for i, y in enumerate(tensors) if y is x) for x in tensors),
                tuple(repr(x) for x in leaves if not isinstance(x, torch.Tensor)))
         graph = self._graphs.get(key)
         if not self.capture:
