@@ -331,6 +331,8 @@ SeedOption = Annotated[int, typer.Option(help="Seed of data, initialisation, rou
 CorpusOption = Annotated[str | None, typer.Option(help="Text file for the lm pipeline.")]
 OptionOption = Annotated[list[str] | None, typer.Option("--option", "-o",
                                                         help="Pipeline option key=value.")]
+JsonPathOption = Annotated[Path | None, typer.Option(
+    "--json", help="Write the result as JSON to PATH (- for stdout).")]
 CaptureOption = Annotated[bool, typer.Option(
     "--capture/--eager", help="Capture each training step as a graph and replay it; --eager "
     "runs every op through the dispatch mode (same results, slower).")]
@@ -346,8 +348,7 @@ def run(
     seed: SeedOption = 0,
     corpus: CorpusOption = None,
     option: OptionOption = None,
-    json_path: Annotated[Path | None, typer.Option("--json", help="Write the result as "
-                                                   "JSON to PATH (- for stdout).")] = None,
+    json_path: JsonPathOption = None,
     capture: CaptureOption = True,
 ) -> None:
     """Run one pipeline on one backend and classify it against the reference."""
@@ -376,8 +377,7 @@ def compare(
     recipe: Annotated[str, typer.Option(help="Recipe name.")] = "amp-bf16",
     steps: StepsOption = None,
     seed: SeedOption = 0,
-    json_path: Annotated[Path | None, typer.Option("--json", help="Write the comparison as "
-                                                   "JSON to PATH (- for stdout).")] = None,
+    json_path: JsonPathOption = None,
     capture: CaptureOption = True,
     port_search: Annotated[bool, typer.Option("--port", help="For each cell not at parity, "
                                               "search the mitigations that restore it and "
@@ -397,11 +397,7 @@ def compare(
     if port_search:
         from hwport import porting
 
-        def show(t: Any) -> None:
-            err.print(f"  trial {', '.join(t.mitigations) or '(as written)'}: {t.outcome} "
-                      f"({t.wall_s:.1f} s)", highlight=False)
-
-        for r in porting.efforts(comparison, budget, on_trial=show):
+        for r in porting.efforts(comparison, budget, on_trial=_show_trial):
             ports[(r.backend, r.pipeline, r.mode)] = r
     if json_path is not None:
         data = comparison.to_dict()
@@ -438,22 +434,23 @@ def port(
     seed: SeedOption = 0,
     corpus: CorpusOption = None,
     option: OptionOption = None,
-    json_path: Annotated[Path | None, typer.Option("--json", help="Write the result as "
-                                                   "JSON to PATH (- for stdout).")] = None,
+    json_path: JsonPathOption = None,
 ) -> None:
     """Find the smallest set of mitigations that brings a recipe to parity on a backend."""
     from hwport import porting
 
-    def show(t: Any) -> None:
-        err.print(f"  trial {', '.join(t.mitigations) or '(as written)'}: {t.outcome} "
-                  f"({t.wall_s:.1f} s)", highlight=False)
-
     result = porting.port(backend, pipeline, recipe, mode, budget=budget, steps=steps,
-                          seed=seed, options=_options(corpus, option), on_trial=show)
+                          seed=seed, options=_options(corpus, option), on_trial=_show_trial)
     if json_path is not None:
         _write_json(json_path, result.to_dict())
     if json_path is None or str(json_path) != "-":
         _print_port(result)
+
+
+def _show_trial(t: Any) -> None:
+    """Progress of a porting search: one line per finished trial."""
+    err.print(f"  trial {', '.join(t.mitigations) or '(as written)'}: {t.outcome} "
+              f"({t.wall_s:.1f} s)", highlight=False)
 
 
 def _effort_text(r: Any) -> str:

@@ -272,11 +272,10 @@ class Emulator:
         width = 64 if t.dtype == torch.float64 else 32
         params = _intern(kernel_params(fmt, width, rounding, None, saturate, self.rbits))
         row = len(self._rows)
-        if row == len(self._counts):
-            if self._tracing:
+        if row == len(self._counts):  # grow: rows stay where they are until folded
+            if self._tracing:  # the graph holds the old buffer
                 self._why_not = "more roundings in one step than the capture buffer holds"
-            self._fold()
-            row = 0
+            self._counts = torch.cat([self._counts, torch.zeros_like(self._counts)])
         self._rows.append((key, t.numel()))
         index, self._op_index = self._op_index, self._op_index + 1
         if self._tracing:  # recorded in the step's graph
@@ -356,6 +355,9 @@ class Emulator:
         """Forget what the step kept (rounded copies, known formats but the parameters'),
         and bring the telemetry up to date."""
         self._fold()
+        self._forget()
+
+    def _forget(self) -> None:
         self._copies.clear()
         params = set(self._param_ids)
         self._known = {k: v for k, v in self._known.items() if k in params}
@@ -520,18 +522,15 @@ class Emulator:
         rounding = Rounding(self.recipe.update_rounding)
         for t, old in zip(params, before, strict=True):
             exact_changed = t != old
-            comp = self._compensation.get(t.data_ptr()) if self.recipe.kahan_updates else None
-            if comp is not None:  # Kahan: the error this write leaves goes into the next one
-                t.add_(comp)
+            if self.recipe.kahan_updates:  # the error this write leaves goes into the next
+                comp = self._compensation.get(t.data_ptr())
+                if comp is not None:
+                    t.add_(comp)
                 exact = t.clone()
                 self.round_(t, fmt, "optimizer/weights", rounding)
-                torch.sub(exact, t, out=comp)
+                self._compensation[t.data_ptr()] = exact.sub_(t)
             else:
-                if self.recipe.kahan_updates:
-                    exact = t.clone()
                 self.round_(t, fmt, "optimizer/weights", rounding)
-                if self.recipe.kahan_updates:
-                    self._compensation[t.data_ptr()] = exact - t
             self.telemetry.updates_attempted += int(exact_changed.sum())
             self.telemetry.updates_lost += int((exact_changed & (t == old)).sum())
         # optimizer state: not parameters, not scalars (a step counter stays exact, as in
@@ -712,15 +711,17 @@ class Emulator:
         if graph is not None:  # eager: capture is off, or this step cannot be captured
             out, grads = step(*args)
             return float(out), grads
-        rows, self._tracing, self._why_not = len(self._rows), True, None
+        self._tracing, self._why_not = True, None
         rng = torch.get_rng_state()
         saved = [b.clone() for b in buffers]
         try:
             module = make_fx(step, tracing_mode="real")(*args)
         except Exception as e:  # what the tracer cannot follow runs eagerly
-            # undo what the attempt did, then run the step as if no capture was tried
-            self._counts[rows:len(self._rows)].zero_()
-            del self._rows[rows:]
+            # undo what the attempt did, then run the step as if no capture was tried (the
+            # counts were folded before it, so every row is the attempt's)
+            self._counts[:len(self._rows)].zero_()
+            self._rows.clear()
+            self._forget()  # its rounded copies would go uncounted in the rerun
             torch.set_rng_state(rng)
             with torch.no_grad():
                 for b, old in zip(buffers, saved, strict=True):
@@ -743,7 +744,7 @@ class Emulator:
                 if n.target is torch.ops.hwport.round.default:
                     n.target = _round
             module.recompile()
-            self._graphs[key] = _Captured(module, tuple(self._rows[rows:]))
+            self._graphs[key] = _Captured(module, tuple(self._rows))
             if self._telemetry.execution == "":
                 self._telemetry.execution = "captured"
         else:

@@ -137,11 +137,6 @@ class PortResult:
 AT_PARITY = {"train": "converged", "infer": "parity"}
 
 
-def registered() -> dict[str, Mitigation]:
-    """Every mitigation plugins provide, by name."""
-    return dict(plugins.registry().mitigations)
-
-
 def port(backend: str | BackendSpec, pipeline: str | Pipeline | PipelineFactory,
          recipe: str | Recipe = "amp-bf16", mode: str = "train", *, budget: int = 8,
          steps: int | None = None, seed: int = 0, options: dict[str, Any] | None = None,
@@ -157,7 +152,7 @@ def port(backend: str | BackendSpec, pipeline: str | Pipeline | PipelineFactory,
     spec = backend if isinstance(backend, BackendSpec) else plugins.get_backend(backend)
     rec = recipe if isinstance(recipe, Recipe) else plugins.registry().recipe(recipe)
     p = runner.resolve_pipeline(pipeline, steps, options)
-    pool = registered()
+    pool = dict(plugins.registry().mitigations)
     if mitigations is not None:
         unknown = [m for m in mitigations if m not in pool]
         if unknown:
@@ -212,7 +207,6 @@ def port(backend: str | BackendSpec, pipeline: str | Pipeline | PipelineFactory,
                      or "no signal pointed to it: found by search"} for m in combo]
                 return out
             out.rejected.append(t)
-            out.outcome_after = before.outcome
     return out
 
 

@@ -13,6 +13,19 @@ import pytest
 FakePlugin = Callable[..., Path]
 
 
+@pytest.fixture(scope="module")
+def reference_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """A private reference-model cache for the requesting module, on disk and in memory."""
+    from hwport import runner
+
+    path = tmp_path_factory.mktemp("hwport-cache")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("HWPORT_CACHE", str(path))
+        runner._REFERENCE.clear()
+        yield path
+        runner._REFERENCE.clear()
+
+
 @pytest.fixture
 def fake_plugin(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[FakePlugin]:
     """Factory: ``fake_plugin(name, source_code, extra_entry_points=None) -> site dir``.

@@ -28,14 +28,7 @@ from hwport.recipes import LossScaling, Recipe, builtin, lower
 TRAIN_OUTCOMES = {"converged", "degraded", "stalled", "diverged"}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
-    """A private reference-model cache for this module, on disk and in memory."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("HWPORT_CACHE", str(tmp_path_factory.mktemp("hwport-cache")))
-        runner._REFERENCE.clear()
-        yield
-        runner._REFERENCE.clear()
+pytestmark = pytest.mark.usefixtures("reference_cache")
 
 
 # -- helpers ---------------------------------------------------------------------------------
@@ -567,6 +560,7 @@ def test_a_step_that_reads_values_on_the_host_runs_eagerly() -> None:
     captured, eager = run_both("simgpu", "amp-bf16", p, 3)
     assert captured["execution"].startswith("eager: it reads tensor values on the host")
     assert captured["losses"] == eager["losses"]
+    assert captured["telemetry"] == eager["telemetry"]  # the failed attempt left nothing
 
 
 def test_a_step_that_reads_an_outside_tensor_runs_eagerly() -> None:

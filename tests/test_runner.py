@@ -33,14 +33,8 @@ RUN_KEYS = {"backend", "pipeline", "mode", "recipe", "framework", "seed", "steps
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    """A private reference-model cache for this module, on disk and in memory."""
-    path = tmp_path_factory.mktemp("hwport-cache")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("HWPORT_CACHE", str(path))
-        runner._REFERENCE.clear()
-        yield path
-        runner._REFERENCE.clear()
+def cache(reference_cache: Path) -> Path:
+    return reference_cache
 
 
 @pytest.fixture(autouse=True)
