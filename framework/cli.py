@@ -457,7 +457,8 @@ def _effort_text(r: Any) -> str:
     if r.effort == 0:
         return "ports as is (effort 0)"
     if r.effort is None:
-        return f"no fix within {r.trials} trials"
+        return f"no fix: all {r.trials - 1} sets tried" if r.searched_all else \
+            f"no fix within {r.trials} trials"
     return f"effort {r.effort}: " + " + ".join(m["name"] for m in r.mitigations)
 
 
@@ -475,6 +476,61 @@ def _print_port(r: Any) -> None:
     if r.not_applicable:
         out.print(f"  not applicable on {r.backend}: {', '.join(r.not_applicable)}",
                   highlight=False)
+
+
+@app.command()
+def reproduce(
+    names: Annotated[list[str] | None, typer.Argument(
+        help="Reproductions to run (all of them).", show_default=False)] = None,
+    small: Annotated[bool, typer.Option("--small", help="The small configurations that CI "
+                                        "runs (minutes, not tens of minutes).")] = False,
+    list_only: Annotated[bool, typer.Option("--list", help="List the reproductions.")] = False,
+    seed: SeedOption = 0,
+    json_path: JsonPathOption = None,
+) -> None:
+    """Reproduce published results: each one a failure on a backend and its fixes.
+
+    Exits with status 1 when a claim does not hold."""
+    from hwport import reproduce as rp
+
+    if list_only:
+        table = Table(title="hwport reproductions", show_lines=True)
+        for col in ("name", "claim", "source", "backend / pipeline", "fixes"):
+            table.add_column(col)
+        for rep in rp.REPRODUCTIONS:
+            table.add_row(rep.name, escape(rep.claim), escape(rep.paper),
+                          f"{rep.backend} / {rep.pipeline}", "\n".join(rep.fixes))
+        out.print(table)
+        return
+    chosen = names or [r.name for r in rp.REPRODUCTIONS]
+    runs = sum(1 + len(rep.fixes) + (rep.control is not None)
+               for rep in rp.REPRODUCTIONS if rep.name in chosen)
+    with _Bars(runs) as bars:
+        results = rp.reproduce(names, small=small, seed=seed,
+                               on_run=lambda label: bars.on_cell(label, None))
+    if json_path is not None:
+        _write_json(json_path, [r.to_dict() for r in results])
+    if json_path is None or str(json_path) != "-":
+        table = Table(title=f"hwport reproduce{' --small' if small else ''}, seed {seed}",
+                      show_lines=True)
+        for col in ("reproduction", "backend", "as ported", "evidence", "fixed by",
+                    "reproduced"):
+            table.add_column(col)
+        for r in results:
+            rep = r.reproduction
+            fixes = "\n".join(f"{m}: {_cell_text(c)}" for m, c in r.fixes.items())
+            if r.control is not None:
+                fixes += f"\n[dim]control, as written on {r.control.backend}:[/] " \
+                         f"{_cell_text(r.control)}"
+            verdict = "[green]yes[/]" if r.reproduced else \
+                "[red]no[/]\n" + escape("; ".join(r.problems))
+            table.add_row(f"[bold]{rep.name}[/]\n[dim]{escape(rep.paper)}[/]", rep.backend,
+                          f"{rep.recipe.name}: {_cell_text(r.failure)}",
+                          escape(r.evidence.get(rep.signal, "(none)")), fixes, verdict)
+        out.print(table)
+    failed = [r.reproduction.name for r in results if not r.reproduced]
+    if failed:
+        raise _fail(f"not reproduced: {', '.join(failed)}")
 
 
 @app.command()

@@ -20,40 +20,45 @@ from hwport import plugins, runner
 from hwport.errors import HwportError, UnknownNameError
 from hwport.hookspecs import hookimpl
 from hwport.pipeline import Pipeline, PipelineFactory
-from hwport.recipes import FP32_OP_GROUPS, FP8Scaling, LossScaling, Mitigation, Recipe
+from hwport.recipes import FP32_OP_GROUPS, Mitigation, Recipe
 from hwport.spec import BackendSpec
+
+TRAIN = ("train",)  # weight-update and gradient policies: nothing to change in inference
 
 BUILTIN: tuple[Mitigation, ...] = (
     Mitigation("loss-scaling", "dynamic loss scaling whose overflow check reads the backward "
                "pass's overflow flags, so it also works on hardware that saturates instead of "
-               "producing inf", {"loss_scaling": LossScaling(check="overflow_flags")},
-               signals=("gradient_underflow", "gradient_overflow"), effort=1),
+               "producing inf (a recipe's own scaler keeps its schedule)",
+               {"loss_scaling.check": "overflow_flags"},
+               signals=("gradient_underflow", "gradient_overflow"), effort=1, modes=TRAIN),
     Mitigation("fp32-master-weights", "keep an fp32 copy of the weights for the optimizer; "
                "cast to the weight format after each update",
                {"master_weights": "fp32", "optimizer_state": "fp32"},
-               signals=("lost_updates",), effort=1),
+               signals=("lost_updates",), effort=1, modes=TRAIN),
     Mitigation("stochastic-updates", "round weight updates stochastically (hardware "
                "stochastic rounding)", {"update_rounding": "stochastic"},
-               needs=("stochastic_rounding",), signals=("lost_updates",), effort=1),
+               needs=("stochastic_rounding",), signals=("lost_updates",), effort=1, modes=TRAIN),
     Mitigation("kahan-updates", "Kahan-compensated weight updates: each parameter's rounding "
                "error is carried into its next update (one extra buffer per parameter)",
-               {"kahan_updates": True}, signals=("lost_updates",), effort=2),
+               {"kahan_updates": True}, signals=("lost_updates",), effort=2, modes=TRAIN),
     Mitigation("fp32-sensitive-ops", "keep softmax, normalisation and the loss in fp32",
                {"fp32_ops": FP32_OP_GROUPS}, signals=("forward_overflow", "diverged"),
                effort=1),
     Mitigation("fp8-delayed-scaling", "per-tensor scaling of 8-bit matmul inputs from an amax "
-               "history of 16 steps", {"fp8_scaling": FP8Scaling(history=16)},
+               "history of 16 steps",
+               {"fp8_scaling.history": 16, "fp8_scaling.mechanism": "scale"},
                needs=("fp8_per_tensor_scaling",), signals=("matmul_input_range",), effort=2),
     Mitigation("fp8-current-scaling", "per-tensor scaling of 8-bit matmul inputs from the "
-               "tensor's own amax", {"fp8_scaling": FP8Scaling(history=0)},
+               "tensor's own amax", {"fp8_scaling.history": 0, "fp8_scaling.mechanism": "scale"},
                needs=("fp8_per_tensor_scaling",), signals=("matmul_input_range",), effort=2),
     Mitigation("cfp8-bias-selection", "choose each 8-bit tensor's exponent bias from its "
                "observed amax (Dojo CFP8's configurable bias)",
-               {"fp8_scaling": FP8Scaling(history=0, mechanism="bias")},
+               {"fp8_scaling.history": 0, "fp8_scaling.mechanism": "bias"},
                needs=("configurable_exponent_bias",), signals=("matmul_input_range",),
                effort=2),
     Mitigation("lr-warmup", "ramp the learning rate up linearly over the first 20 steps",
-               {"warmup_steps": 20}, signals=("diverged", "gradient_overflow"), effort=1),
+               {"warmup_steps": 20}, signals=("diverged", "gradient_overflow"), effort=1,
+               modes=TRAIN),
 )
 
 
@@ -127,6 +132,7 @@ class PortResult:
     effort: int | None  # None: no set within the budget restores parity
     evidence: dict[str, str] = field(default_factory=dict)
     not_applicable: list[str] = field(default_factory=list)  # mitigations the backend lacks
+    searched_all: bool = False  # every applicable set was tried (not stopped by the budget)
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -175,6 +181,7 @@ def port(backend: str | BackendSpec, pipeline: str | Pipeline | PipelineFactory,
     else:
         first = Trial((), before.outcome, before.metrics.get(before.metric), before.wall_s)
     evidence = diagnose(before)
+    pool = {n: m for n, m in pool.items() if mode in m.modes}
     usable = [m for m in pool.values() if m.applies_to(spec)]
     skipped = sorted(m for m in pool if pool[m] not in usable)
     out = PortResult(spec.name, p.name, mode, rec.name, before.outcome, before.outcome, [], [],
@@ -188,8 +195,13 @@ def port(backend: str | BackendSpec, pipeline: str | Pipeline | PipelineFactory,
         return (-sum(s in evidence for s in m.signals), m.effort, m.name)
 
     ordered = sorted(usable, key=rank)
+    def compatible(combo: tuple[Mitigation, ...]) -> bool:
+        """No two of them set the same recipe field (one would undo the other)."""
+        fields = [{k.partition(".")[0] for k in m.changes} for m in combo]
+        return sum(map(len, fields)) == len(set().union(*fields))
+
     for size in (1, 2, 3):
-        combos = sorted(itertools.combinations(ordered, size),
+        combos = sorted(filter(compatible, itertools.combinations(ordered, size)),
                         key=lambda c: (sum(rank(m)[0] for m in c), sum(m.effort for m in c)))
         for combo in combos:
             if out.trials >= budget:
@@ -207,6 +219,7 @@ def port(backend: str | BackendSpec, pipeline: str | Pipeline | PipelineFactory,
                      or "no signal pointed to it: found by search"} for m in combo]
                 return out
             out.rejected.append(t)
+    out.searched_all = True
     return out
 
 

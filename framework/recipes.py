@@ -150,6 +150,9 @@ BUILTIN: tuple[Recipe, ...] = (
 )
 
 
+_POLICIES: dict[str, type[LossScaling] | type[FP8Scaling]] = {
+    "loss_scaling": LossScaling, "fp8_scaling": FP8Scaling}
+
 # Telemetry signals (see diagnose): what a run's counters say went wrong.
 SIGNALS = {
     "gradient_underflow": "nonzero gradient values flushed to zero in backward",
@@ -165,10 +168,13 @@ SIGNALS = {
 class Mitigation:
     """A documented change to a recipe that a port may need.
 
-    ``changes`` are the recipe fields it sets; ``needs`` the backend capabilities it
+    ``changes`` are the recipe fields it sets; a dotted name sets one field of a policy
+    (``"loss_scaling.check"``), keeping the recipe's other settings of that policy, or the
+    policy's defaults when the recipe has none. ``needs`` the backend capabilities it
     requires (``BackendSpec.capabilities``), ``signals`` the telemetry signals that point
     to it, ``effort`` its weight in the effort score (1: a configuration switch, 2: a change
-    to the training code, 3: a change to the model or optimizer's numerics).
+    to the training code, 3: a change to the model or optimizer's numerics), ``modes`` the
+    modes it can change (a weight-update policy does nothing to inference).
     """
 
     name: str
@@ -177,9 +183,16 @@ class Mitigation:
     needs: tuple[str, ...] = ()
     signals: tuple[str, ...] = ()
     effort: int = 1
+    modes: tuple[str, ...] = ("train", "infer")
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "modes", tuple(self.modes))
+        if not self.modes or not set(self.modes) <= {"train", "infer"}:
+            raise HwportError(f"mitigation {self.name!r}: modes {list(self.modes)} must be "
+                              "'train', 'infer' or both")
         known = {f.name for f in dataclasses.fields(Recipe)} - {"name", "description"}
+        known |= {f"{k}.{f.name}" for k, policy in _POLICIES.items()
+                  for f in dataclasses.fields(policy)}
         bad = sorted(set(self.changes) - known)
         if bad:
             raise HwportError(f"mitigation {self.name!r}: changes unknown recipe fields {bad}; "
@@ -195,7 +208,14 @@ class Mitigation:
         return set(self.needs) <= spec.capabilities
 
     def apply(self, recipe: Recipe) -> Recipe:
-        return dataclasses.replace(recipe, **self.changes)
+        """``recipe`` with this mitigation's changes."""
+        changes: dict[str, Any] = {k: v for k, v in self.changes.items() if "." not in k}
+        for key, value in self.changes.items():
+            if "." in key:
+                name, _, attr = key.partition(".")
+                policy = changes.get(name) or getattr(recipe, name) or _POLICIES[name]()
+                changes[name] = dataclasses.replace(policy, **{attr: value})
+        return dataclasses.replace(recipe, **changes)
 
 
 @dataclass(frozen=True)

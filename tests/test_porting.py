@@ -14,42 +14,19 @@ from typing import Any
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from hwport import plugins, porting
 from hwport.errors import HwportError, UnknownNameError
 from hwport.pipeline import Pipeline
-from hwport.recipes import Mitigation, Recipe
+from hwport.recipes import FP8Scaling, LossScaling, Mitigation
+from hwport.reproduce import REPRODUCTIONS
 
 pytestmark = pytest.mark.usefixtures("reference_cache")
 
 
-# fp16 with no loss scaling: every op in fp16, gradients too
-FP16_UNSCALED = Recipe("fp16-unscaled", "fp16 everywhere, no loss scaling",
-                       matmul_input="fp16", activations="fp16", gradients="fp16")
-TINY = 2.0**-30  # the loss's weight: its gradients sit far below fp16's 2**-24
-
-
-def tiny_gradients(steps: int = 60) -> Pipeline:
-    """Least squares whose loss is multiplied by 2**-30 (a loss averaged over a huge batch,
-    say): in fp32 Adam does not care about the gradient's scale and fits; in fp16 every
-    gradient rounds to zero and nothing moves."""
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(256, 8, generator=g)
-    y = x @ torch.randn(8, 1, generator=g)
-
-    def batches(seed: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        while True:
-            yield x, y
-
-    def evaluate(m: nn.Module) -> dict[str, float]:
-        return {"val_loss": float(F.mse_loss(m(x), y))}
-
-    return Pipeline(name="tiny-gradients", model=lambda: nn.Linear(8, 1, bias=False),
-                    optimizer=lambda ps: torch.optim.Adam(ps, lr=0.05), batches=batches,
-                    loss=lambda m, b: F.mse_loss(m(b[0]), b[1]) * TINY, evaluate=evaluate,
-                    predict=lambda m: m(x), steps=steps, eval_every=steps)
+# autocast fp16 without GradScaler, on least squares whose gradients lie below fp16's range
+FP16_UNSCALED = next(r.recipe for r in REPRODUCTIONS if r.name == "fp16-loss-scaling")
 
 
 def test_mitigations_are_registered_plugins_and_validated() -> None:
@@ -61,6 +38,22 @@ def test_mitigations_are_registered_plugins_and_validated() -> None:
         Mitigation("typo", "", {"wieghts": "fp32"})
     with pytest.raises(HwportError, match="unknown signals"):
         Mitigation("bad", "", {"weights": "fp32"}, signals=("vibes",))
+
+
+def test_a_policy_change_keeps_the_recipes_other_settings() -> None:
+    m = plugins.registry().mitigations
+    fast = next(r.recipe for r in REPRODUCTIONS if r.name == "saturating-loss-scaler")
+    # the recipe's own scaler keeps its schedule; only the overflow check changes
+    assert m["loss-scaling"].apply(fast).loss_scaling == LossScaling(growth_interval=20,
+                                                                     check="overflow_flags")
+    # a recipe with no scaler gets the policy's defaults
+    assert m["loss-scaling"].apply(FP16_UNSCALED).loss_scaling == \
+        LossScaling(check="overflow_flags")
+    fp8 = plugins.registry().recipe("fp8-hybrid")
+    assert m["cfp8-bias-selection"].apply(fp8).fp8_scaling == \
+        FP8Scaling(history=0, mechanism="bias")
+    with pytest.raises(HwportError, match=r"unknown recipe fields \['loss_scaling\.chek'\]"):
+        Mitigation("typo", "", {"loss_scaling.chek": "overflow_flags"})
 
 
 def test_capabilities_decide_what_applies() -> None:
@@ -77,8 +70,7 @@ def test_capabilities_decide_what_applies() -> None:
 def test_fp16_without_loss_scaling_stalls_and_the_search_finds_loss_scaling() -> None:
     """The failure and the fix: unscaled fp16 loses every gradient (underflow telemetry says
     so), and the search, led by that evidence, needs exactly dynamic loss scaling."""
-    p = tiny_gradients()
-    result = porting.port("simgpu", p, FP16_UNSCALED, budget=3)
+    result = porting.port("simgpu", "tiny-gradients", FP16_UNSCALED, budget=3)
     assert result.outcome_before == "stalled"
     assert "gradient_underflow" in result.evidence
     assert result.outcome_after == "converged"
@@ -92,33 +84,51 @@ def test_fp16_without_loss_scaling_stalls_and_the_search_finds_loss_scaling() ->
 
 
 def test_a_cell_at_parity_costs_one_run_and_no_effort() -> None:
-    p = tiny_gradients()
-    result = porting.port("simgpu", p, "fp32", budget=3)
+    result = porting.port("simgpu", "tiny-gradients", "fp32", budget=3)
     assert (result.outcome_before, result.effort, result.trials) == ("converged", 0, 1)
     assert result.mitigations == []
 
 
+def test_inference_is_not_offered_training_mitigations() -> None:
+    """A weight-update or gradient policy cannot change a forward pass: an inference port
+    only tries what acts on the forward pass."""
+    fp8_unscaled = next(r.recipe for r in REPRODUCTIONS if r.name == "fp8-scaling")
+    tried: list[tuple[str, ...]] = []
+    result = porting.port("simgpu", "tiny-gradients", fp8_unscaled, "infer", budget=8,
+                          on_trial=lambda t: tried.append(t.mitigations))
+    assert result.outcome_before == "degraded" and len(tried) > 2
+    offered = {m for t in tried for m in t}
+    # two policies for the same field are never tried together (one would undo the other)
+    assert ("fp8-current-scaling", "fp8-delayed-scaling") not in tried
+    assert offered <= {"fp32-sensitive-ops", "fp8-delayed-scaling", "fp8-current-scaling"}
+    assert "cfp8-bias-selection" in result.not_applicable  # simgpu has no CFP8 bias
+    assert "loss-scaling" not in result.not_applicable  # not a backend's lack: not offered
+    # 3 singles and 2 compatible pairs, after the run as written: the search space is spent
+    assert result.trials == 6 and result.searched_all and result.effort is None
+    with pytest.raises(HwportError, match="modes \\['serve'\\]"):
+        Mitigation("bad", "", {"weights": "fp32"}, modes=("serve",))
+
+
 def test_budget_exhausted_says_so() -> None:
-    p = tiny_gradients()
     # only mitigations that cannot help: the search spends its budget and reports no fix
-    result = porting.port("simgpu", p, FP16_UNSCALED, budget=2,
+    result = porting.port("simgpu", "tiny-gradients", FP16_UNSCALED, budget=2,
                           mitigations=["lr-warmup", "fp32-master-weights"])
-    assert result.effort is None and result.trials == 2
+    assert result.effort is None and result.trials == 2 and not result.searched_all
     assert result.outcome_after == "stalled"
     assert len(result.rejected) == 1 and result.rejected[0].outcome == "stalled"
 
 
 def test_bad_arguments() -> None:
     with pytest.raises(UnknownNameError, match="mitigation"):
-        porting.port("simgpu", tiny_gradients(), "fp32", mitigations=["nope"])
+        porting.port("simgpu", "tiny-gradients", "fp32", mitigations=["nope"])
     with pytest.raises(HwportError, match="budget 0"):
-        porting.port("simgpu", tiny_gradients(), "fp32", budget=0)
+        porting.port("simgpu", "tiny-gradients", "fp32", budget=0)
 
 
 def test_cli_port_json(tmp_path: Path) -> None:
-    env = {**os.environ, "HWPORT_CACHE": str(tmp_path), "PYTHONPATH": str(Path(__file__).parent)}
+    env = {**os.environ, "HWPORT_CACHE": str(tmp_path)}
     r = subprocess.run([sys.executable, "-m", "hwport.cli", "port", "-b", "simgpu", "-p",
-                        "test_porting:tiny_gradients", "--recipe", "amp-fp16", "--budget",
+                        "tiny-gradients", "--recipe", "amp-fp16", "--budget",
                         "2", "--json", "-"], capture_output=True, text=True, env=env,
                        timeout=600)
     assert r.returncode == 0, r.stderr

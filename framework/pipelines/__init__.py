@@ -6,30 +6,34 @@ not pay for importing torch.
 
 from __future__ import annotations
 
+import importlib
+from collections.abc import Callable
 from typing import Any
 
 from hwport.hookspecs import hookimpl
 from hwport.pipeline import Pipeline, PipelineFactory, check_options
 
 
-def _digits(**options: Any) -> Pipeline:
-    from hwport.pipelines import digits
+def _lazy(name: str, module: str) -> Callable[..., Pipeline]:
+    """``hwport.pipelines.<module>.pipeline``, imported when first built."""
 
-    check_options("digits", digits.pipeline, options)
-    return digits.pipeline(**options)
+    def build(**options: Any) -> Pipeline:
+        fn = importlib.import_module(f"hwport.pipelines.{module}").pipeline
+        check_options(name, fn, options)
+        built: Pipeline = fn(**options)
+        return built
 
-
-def _lm(**options: Any) -> Pipeline:
-    from hwport.pipelines import lm
-
-    check_options("lm", lm.pipeline, options)
-    return lm.pipeline(**options)
+    return build
 
 
 @hookimpl
 def hwport_pipelines() -> list[PipelineFactory]:
     return [
-        PipelineFactory("digits", "MLP on scikit-learn's handwritten digits (accuracy)", _digits),
+        PipelineFactory("digits", "MLP on scikit-learn's handwritten digits (accuracy)",
+                        _lazy("digits", "digits")),
         PipelineFactory("lm", "byte-level decoder-only transformer on Python stdlib source "
-                        "(loss, perplexity)", _lm),
+                        "(loss, perplexity)", _lazy("lm", "lm")),
+        PipelineFactory("tiny-gradients", "least squares whose loss is weighted 2**-30, so its "
+                        "gradients lie below fp16's range (loss)",
+                        _lazy("tiny-gradients", "tiny_gradients")),
     ]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import gzip
 import importlib.util
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -38,9 +38,18 @@ def _data() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     return x[:1500], y[:1500], x[1500:], y[1500:]
 
 
-def pipeline(steps: int = 300, batch_size: int = 64, hidden: int = 128,
-             lr: float = 2e-3) -> Pipeline:
-    """An MLP (64-hidden-hidden-10) trained with AdamW; headline metric: accuracy."""
+OPTIMIZERS = ("adamw", "sgd")
+
+
+def pipeline(steps: int = 300, batch_size: int = 64, hidden: int = 128, lr: float = 2e-3,
+             optimizer: str = "adamw") -> Pipeline:
+    """An MLP (64-hidden-hidden-10) trained with AdamW (or plain SGD, ``optimizer="sgd"``);
+    headline metric: accuracy."""
+    if optimizer not in OPTIMIZERS:
+        raise HwportError(f"digits: optimizer={optimizer!r} must be one of {list(OPTIMIZERS)}")
+    if not 1 <= batch_size <= 1500:
+        raise HwportError(f"digits: batch_size={batch_size} must be within 1..1500 (the "
+                          "training set's size)")
     xt, yt, xv, yv = _data()
 
     def model() -> nn.Module:
@@ -61,10 +70,14 @@ def pipeline(steps: int = 300, batch_size: int = 64, hidden: int = 128,
         return {"val_loss": float(F.cross_entropy(logits, yv)),
                 "accuracy": float((logits.argmax(-1) == yv).float().mean())}
 
+    def make_optimizer(params: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
+        if optimizer == "sgd":
+            return torch.optim.SGD(params, lr=lr, foreach=False)
+        return torch.optim.AdamW(params, lr=lr, foreach=False)
+
     return Pipeline(
-        name="digits", model=model,
-        optimizer=lambda params: torch.optim.AdamW(params, lr=lr, foreach=False),
+        name="digits", model=model, optimizer=make_optimizer,
         batches=batches, loss=loss, evaluate=evaluate, predict=lambda m: m(xv),
         metric="accuracy", steps=steps, eval_every=max(steps // 6, 1),
-        config={"batch_size": batch_size, "hidden": hidden, "lr": lr},
+        config={"batch_size": batch_size, "hidden": hidden, "lr": lr, "optimizer": optimizer},
     )
