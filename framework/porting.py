@@ -38,6 +38,10 @@ BUILTIN: tuple[Mitigation, ...] = (
     Mitigation("stochastic-updates", "round weight updates stochastically (hardware "
                "stochastic rounding)", {"update_rounding": "stochastic"},
                needs=("stochastic_rounding",), signals=("lost_updates",), effort=1, modes=TRAIN),
+    Mitigation("software-stochastic-updates", "round weight updates stochastically in the "
+               "optimizer's code where the hardware cannot (a random draw and an add per "
+               "updated weight)", {"update_rounding": "stochastic", "software_stochastic": True},
+               signals=("lost_updates",), effort=2, modes=TRAIN),
     Mitigation("kahan-updates", "Kahan-compensated weight updates: each parameter's rounding "
                "error is carried into its next update (one extra buffer per parameter)",
                {"kahan_updates": True}, signals=("lost_updates",), effort=2, modes=TRAIN),
@@ -226,6 +230,7 @@ def port(backend: str | BackendSpec, pipeline: str | Pipeline | PipelineFactory,
 def efforts(comparison: runner.Comparison, budget: int = 8,
             on_trial: Callable[[Trial], None] | None = None) -> list[PortResult]:
     """The porting search for every cell of a comparison (cells at parity cost no trial)."""
-    return [port(c.backend, c.pipeline, comparison.recipe, c.mode, budget=budget,
+    recipe = comparison.definition or comparison.recipe
+    return [port(c.backend, c.pipeline, recipe, c.mode, budget=budget,
                  steps=c.steps, seed=c.seed, on_trial=on_trial, before=c)
             for c in comparison.cells]

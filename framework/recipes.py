@@ -75,7 +75,9 @@ class Recipe:
     or a scaled loss stays fp32). ``weights`` is the format the
     model's parameters are stored in for compute; ``master_weights`` (None: no master copy)
     the format the optimizer updates; ``gradients`` and ``optimizer_state`` likewise.
-    ``update_rounding`` rounds the results of optimizer updates (nearest or stochastic);
+    ``update_rounding`` rounds the results of optimizer updates (nearest or stochastic;
+    ``software_stochastic`` keeps stochastic update rounding on a backend without it in
+    hardware, as the optimizer's own code would: a random draw and an add per update);
     ``kahan_updates`` carries each parameter's rounding error into its next update
     (compensated summation); ``warmup_steps`` ramps the learning rate linearly from
     1/warmup_steps of its value over that many steps.
@@ -97,6 +99,7 @@ class Recipe:
     autocast: bool = False
     kahan_updates: bool = False
     warmup_steps: int = 0
+    software_stochastic: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "fp32_ops", tuple(self.fp32_ops))
@@ -265,9 +268,13 @@ def lower(recipe: Recipe, spec: BackendSpec) -> Lowered:
             notes.append(f"{role}: {name} -> {target} ({spec.name} has no {name}"
                          f"{' matmul' if role.startswith('matmul') else ''})")
     if recipe.update_rounding == "stochastic" and not spec.precision.stochastic_rounding:
-        changes["update_rounding"] = "nearest"
-        notes.append(f"update_rounding: stochastic -> nearest ({spec.name} has no stochastic "
-                     "rounding)")
+        if recipe.software_stochastic:
+            notes.append(f"update_rounding: stochastic, in software ({spec.name} has no "
+                         "stochastic rounding: a random draw and an add per update)")
+        else:
+            changes["update_rounding"] = "nearest"
+            notes.append(f"update_rounding: stochastic -> nearest ({spec.name} has no "
+                         "stochastic rounding)")
     need = {"scale": "fp8_per_tensor_scaling", "bias": "configurable_exponent_bias"}
     if recipe.fp8_scaling is not None \
             and need[recipe.fp8_scaling.mechanism] not in spec.precision.features:

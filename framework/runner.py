@@ -312,6 +312,7 @@ class Comparison:
     recipe: str
     seed: int
     cells: list[RunResult]
+    definition: Recipe | None = None  # the recipe itself, registered or not
 
     def to_dict(self) -> dict[str, Any]:
         return {"recipe": self.recipe, "seed": self.seed,
@@ -343,4 +344,4 @@ def compare(backends: Sequence[str] | None = None, pipelines: Sequence[str] | No
                 progress = on_cell(label, None) if on_cell else None
                 cells.append(run(b, p, mode, rec, seed=seed, rules=rules, progress=progress,
                                  capture=capture))
-    return Comparison(rec.name, seed, cells)
+    return Comparison(rec.name, seed, cells, rec)

@@ -16,7 +16,7 @@ import pytest
 import torch
 from torch import nn
 
-from hwport import plugins, porting
+from hwport import plugins, porting, runner
 from hwport.errors import HwportError, UnknownNameError
 from hwport.pipeline import Pipeline
 from hwport.recipes import FP8Scaling, LossScaling, Mitigation
@@ -137,6 +137,31 @@ def test_cli_port_json(tmp_path: Path) -> None:
     # amp-fp16 already scales the loss: the tiny gradients survive and it ports as is
     assert data["outcome_before"] == "converged" and data["effort"] == 0
     assert "trial (as written): converged" in r.stderr
+
+
+def test_compare_port_gives_every_cell_its_effort() -> None:
+    """The comparison's story in miniature: training needs loss scaling on both chips,
+    inference ports as is."""
+    comparison = runner.compare(["simgpu", "dojo"], ["tiny-gradients"], recipe=FP16_UNSCALED)
+    found = {(p.backend, p.mode): p for p in porting.efforts(comparison, budget=3)}
+    for backend in ("simgpu", "dojo"):
+        train, infer = found[backend, "train"], found[backend, "infer"]
+        assert (train.outcome_before, train.outcome_after) == ("stalled", "converged")
+        assert [m["name"] for m in train.mitigations] == ["loss-scaling"]
+        assert train.effort == 1
+        assert (infer.outcome_before, infer.effort, infer.trials) == ("parity", 0, 1)
+
+
+def test_cli_compare_port(tmp_path: Path) -> None:
+    env = {**os.environ, "HWPORT_CACHE": str(tmp_path)}
+    r = subprocess.run([sys.executable, "-m", "hwport.cli", "compare", "--backends",
+                        "simgpu", "--pipelines", "tiny-gradients", "--recipe", "amp-fp16",
+                        "--port", "--json", "-"], capture_output=True, text=True, env=env,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr
+    data = json.loads(r.stdout)
+    assert [(p["mode"], p["effort"]) for p in data["port"]] == [("train", 0), ("infer", 0)]
+    assert len(data["cells"]) == 2
 
 
 def constant_gradient(steps: int) -> Pipeline:

@@ -87,6 +87,28 @@ def test_inf_based_scaler_is_blind_on_saturating_hardware_and_the_flag_check_is_
         assert settled < failed["loss_scale"][-1] / 2**10
 
 
+def test_stochastic_rounding_in_software_where_the_hardware_has_none() -> None:
+    """simgpu has no stochastic rounding: the hardware mitigation does not apply there, the
+    software one does (at a higher effort) and recovers the same result as on Dojo."""
+    m = plugins.registry().mitigations
+    simgpu = plugins.get_backend("simgpu")
+    assert not m["stochastic-updates"].applies_to(simgpu)
+    assert m["software-stochastic-updates"].applies_to(simgpu)
+    assert m["software-stochastic-updates"].effort > m["stochastic-updates"].effort
+    base = next(r for r in REPRODUCTIONS if r.name == "bf16-updates")
+    on_gpu = dataclasses.replace(base, name="bf16-updates-on-simgpu", backend="simgpu",
+                                 fixes=("software-stochastic-updates",))
+    (r,) = reproduce.reproduce([on_gpu], small=True)
+    assert r.reproduced, r.problems
+    fixed = r.fixes["software-stochastic-updates"]
+    assert any("in software" in note for note in fixed.lowering)
+    # nearest rounding on simgpu drops the request for stochastic rounding, with a note
+    hw = reproduce.reproduce([dataclasses.replace(on_gpu, fixes=("stochastic-updates",))],
+                             small=True)[0]
+    assert hw.fixes["stochastic-updates"].outcome == r.failure.outcome
+    assert any("stochastic -> nearest" in n for n in hw.fixes["stochastic-updates"].lowering)
+
+
 def test_a_claim_that_does_not_hold_is_reported_not_hidden() -> None:
     """A 'failure' that converges and a 'fix' that does not help: both are named."""
     base = next(r for r in REPRODUCTIONS if r.name == "fp16-loss-scaling")
