@@ -45,7 +45,8 @@ SPEC = BackendSpec(
         features=("dynamic_loss_scaling", "fp8_per_tensor_scaling"),
     ),
     memory=MemoryHierarchy(tiers=(
-        MemoryTier("smem", 228e3, 132 * 128 * 1.755e9, 30e-9, scope="core", count=132),
+        MemoryTier("smem", 228e3, 132 * 128 * 1.755e9, 30e-9, scope="core", count=132,
+                   managed="staging"),
         MemoryTier("l2", 50e6, 10e12, 200e-9, scope="chip", managed="cached"),
         MemoryTier("hbm", 80e9, 3.35e12, 600e-9, scope="chip"),
         MemoryTier("host", 256e9, 64e9, 2e-6, scope="host"),
@@ -75,7 +76,8 @@ SPEC = BackendSpec(
         "memory.tiers.smem.capacity": TUNING,
         "memory.tiers.smem.count": DATASHEET,
         "memory.tiers.smem.scope": TUNING,
-        "memory.tiers.smem.managed": TUNING,
+        "memory.tiers.smem.managed": f"{TUNING}; CUDA C++ Programming Guide: shared memory "
+                                     "lives as long as its thread block",
         "memory.tiers.l2.capacity": TUNING,
         "memory.tiers.l2.scope": TUNING,
         "memory.tiers.l2.managed": TUNING,

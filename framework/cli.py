@@ -533,6 +533,135 @@ def reproduce(
         raise _fail(f"not reproduced: {', '.join(failed)}")
 
 
+def _gb(x: float) -> str:
+    return f"{x / 1e9:,.3g} GB" if x >= 1e8 else si(x, "B")
+
+
+@app.command()
+def estimate(
+    model: Annotated[str | None, typer.Option(help="Model preset: gpt2-1.5b, gpt3-6.7b, "
+                                              "gpt3-175b (or give --layers etc.).")] = None,
+    layers: Annotated[int | None, typer.Option(help="Transformer layers.")] = None,
+    hidden: Annotated[int | None, typer.Option(help="Hidden size.")] = None,
+    heads: Annotated[int | None, typer.Option(help="Attention heads.")] = None,
+    seq: Annotated[int | None, typer.Option(help="Sequence length.")] = None,
+    vocab: Annotated[int | None, typer.Option(help="Vocabulary size.")] = None,
+    backend: Annotated[list[str] | None, typer.Option(
+        "--backend", "-b", help="Backend (repeat for several; 'all' for every one).")] = None,
+    micro_batch: Annotated[int, typer.Option(help="Sequences per micro-batch.")] = 1,
+    global_batch: Annotated[int | None, typer.Option(
+        help="Sequences per step (micro-batch x data).")] = None,
+    data: Annotated[int, typer.Option(help="Data-parallel degree.")] = 1,
+    tensor: Annotated[int, typer.Option(help="Tensor-parallel degree.")] = 1,
+    pipeline: Annotated[int, typer.Option(help="Pipeline-parallel degree.")] = 1,
+    zero: Annotated[int, typer.Option(help="ZeRO stage, 0-3.")] = 0,
+    recompute: Annotated[str, typer.Option(help="none, selective or full.")] = "none",
+    sequence_parallel: Annotated[bool, typer.Option(
+        "--sequence-parallel", help="Shard layer norms and dropouts over the sequence.")] = False,
+    recipe: Annotated[str, typer.Option(help="Recipe name.")] = "amp-bf16",
+    matmul_efficiency: Annotated[float | None, typer.Option(
+        help="Fraction of the matmul peak GEMMs sustain (default: calibrated, see "
+             "docs/performance-model.md; 1 = roofline).")] = None,
+    validate: Annotated[bool, typer.Option(
+        "--validate", help="Print the published tables next to the predictions.")] = False,
+    json_path: JsonPathOption = None,
+) -> None:
+    """Estimate memory per device (by role and tier), step time and MFU of training a
+    GPT-style model at scale on one or more backends."""
+    from hwport import estimate as est
+
+    eff = est.MATMUL_EFFICIENCY if matmul_efficiency is None else matmul_efficiency
+    if validate:
+        checks = est.validate(eff)
+        if json_path is not None:
+            _write_json(json_path, [c.to_dict() for c in checks])
+        if json_path is None or str(json_path) != "-":
+            table = Table(title=f"hwport estimate --validate (matmul efficiency {eff:g})")
+            for col in ("source", "row", "predicted", "published", "error"):
+                table.add_column(col, justify="left" if col in ("source", "row") else "right")
+            for c in checks:
+                table.add_row(escape(c.table.split(",")[0]), escape(c.row),
+                              f"{c.predicted:.4g} {c.unit}", f"{c.published:g}",
+                              f"{c.error:+.1%}")
+            out.print(table)
+        return
+    if model is not None:
+        if model not in est.MODELS:
+            raise _fail(f"unknown model preset {model!r}; presets: {', '.join(est.MODELS)}")
+        base = est.MODELS[model]
+    else:
+        missing = [n for n, v in (("--layers", layers), ("--hidden", hidden),
+                                  ("--heads", heads), ("--seq", seq), ("--vocab", vocab))
+                   if v is None]
+        if missing:
+            raise _fail(f"give --model or all of {', '.join(missing)}")
+        base = est.GPT(layers, hidden, heads, seq, vocab)  # type: ignore[arg-type]
+    gpt = est.GPT(layers or base.layers, hidden or base.hidden, heads or base.heads,
+                  seq or base.seq, vocab or base.vocab)
+    par = est.Parallelism(micro_batch, global_batch, data, tensor,
+                          pipeline, zero, recompute, sequence_parallel)
+    reg = plugins.registry()
+    names = backend or ["simgpu"]
+    if "all" in names:
+        names = sorted(reg.backends)
+    rec = reg.recipe(recipe)
+    results, skipped = [], []
+    for name in names:
+        spec = plugins.get_backend(name)
+        try:
+            results.append(est.estimate(gpt, par, spec, rec, matmul_efficiency=eff))
+        except HwportError as e:
+            if len(names) == 1:
+                raise
+            skipped.append(f"{name}: {e}")
+    if json_path is not None:
+        _write_json(json_path, {"estimates": [r.to_dict() for r in results],
+                                "skipped": skipped})
+    if json_path is not None and str(json_path) == "-":
+        return
+    title = (f"hwport estimate: {gpt.params / 1e9:,.4g}B parameters (L={gpt.layers}, "
+             f"h={gpt.hidden}, a={gpt.heads}, s={gpt.seq}, V={gpt.vocab}); {par.devices} "
+             f"devices (data {data} x tensor {tensor} x pipeline {pipeline}), ZeRO {zero}, "
+             f"recompute {recompute}, batch {par.batch} in {par.microbatches} "
+             f"micro-batches of {micro_batch}; recipe {recipe}")
+    table = Table(title=title, show_lines=True, title_justify="left")
+    table.add_column("per device")
+    for r in results:
+        table.add_column(r.backend, justify="right")
+
+    def placed(r: Any, role: str) -> str:
+        where = r.memory.placement[role]
+        if not r.memory.bytes[role]:
+            return "-"
+        tiers = ", ".join(f"{escape(t)}" for t in where) or "[red]nowhere[/]"
+        return f"{_gb(r.memory.bytes[role])} ({tiers})"
+
+    for role in ("weights", "gradients", "master_weights", "optimizer_state", "activations"):
+        table.add_row(role.replace("_", " "), *(placed(r, role) for r in results))
+    table.add_row("total", *(
+        f"{_gb(r.memory.total)}: " + ("[green]fits[/]" if r.memory.fits else
+                                      f"[red]does not fit ({_gb(r.memory.unplaced)} over)[/]")
+        for r in results))
+    table.add_row("binding tier", *((r.memory.binding or "none") for r in results))
+    table.add_row("devices to fit", *(
+        "never (activations alone)" if r.devices_to_fit is None else f"{r.devices_to_fit:,}"
+        + (" (more data parallelism)" if r.devices_to_fit > par.devices else "")
+        for r in results))
+    table.add_row("step time", *(seconds(r.step_s) for r in results))
+    table.add_row("tokens/s (job)", *(f"{r.tokens_per_s:,.0f}" for r in results))
+    table.add_row("MFU", *(f"{r.mfu:.1%}" for r in results))
+    table.add_row("bound", *(escape(r.bound) for r in results))
+    table.add_row("step breakdown", *("\n".join(
+        f"{k.replace('_', ' ')} {seconds(v)}" for k, v in r.breakdown.items() if v)
+        for r in results))
+    out.print(table)
+    for r in results:
+        for note in r.notes:
+            out.print(f"[dim]{r.backend}: {escape(note)}[/]", highlight=False)
+    for s_ in skipped:
+        out.print(f"[dim]skipped {escape(s_)}[/]", highlight=False)
+
+
 @app.command()
 def conformance(
     backend: Annotated[str, typer.Argument(help="The backend to check.")],

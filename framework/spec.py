@@ -38,7 +38,7 @@ FEATURES = (
     "exception_flags",  # overflow/underflow/invalid flags readable by software
 )
 Scope = Literal["core", "chip", "node", "host"]
-Managed = Literal["explicit", "cached"]
+Managed = Literal["explicit", "cached", "staging"]
 Topology = Literal["ring", "mesh2d", "torus2d", "switch"]
 COLLECTIVES = ("all_reduce", "reduce_scatter", "all_gather", "broadcast", "send_recv",
                "all_to_all")
@@ -162,7 +162,10 @@ class MemoryTier:
 
     ``bandwidth`` (bytes/s) and ``latency`` (s) are per device, all instances together.
     ``scope`` says who shares one instance; ``managed`` is ``explicit`` (software places
-    data, as in scratchpad SRAM) or ``cached`` (hardware-managed).
+    data, and it may stay there across a step, as in a dataflow chip's SRAM), ``cached``
+    (hardware-managed: it holds copies of a slower tier's data) or ``staging`` (software
+    places data only for the duration of one kernel, as in a GPU's shared memory: nothing
+    resides there). Only ``explicit`` tiers hold a memory plan's resident data.
     """
 
     name: str
