@@ -267,7 +267,18 @@ def _cell_text(r: Any) -> str:
     if t["updates_attempted"]:
         flags.append(f"{t['lost_update_fraction']:.0%} updates lost")
     extra = f"\n[dim]{escape('; '.join(flags))}[/]" if flags else ""
-    return f"[{style}]{r.outcome}[/]\n{escape(detail)}{extra}"
+    return f"[{style}]{r.outcome}[/]\n{escape(detail)}{extra}{_cost_text(r)}"
+
+
+def _cost_text(r: Any) -> str:
+    """Where a run's step lives and how long it would take (its memory plan and time)."""
+    if not r.memory:
+        return ""
+    m, t = r.memory, r.time
+    tiers = "+".join(dict.fromkeys(k for where in m["placement"].values() for k in where))
+    fit = "" if m["fits"] else " [red]does not fit[/]"
+    step = f", {seconds(t['step_s'])}/step ({escape(t['bound'])})" if t.get("step_s") else ""
+    return f"\n[dim]{_gb(m['total'])} in {escape(tiers or '-')}{step}[/]{fit}"
 
 
 class _Bars:
@@ -319,6 +330,18 @@ def _print_run(r: Any) -> None:
         table.add_row(f"agreement {k}", f"{v:.4g}", "")
     out.print(table)
     out.print(f"outcome: {_cell_text(r)}  ({r.wall_s:.1f} s)", highlight=False)
+    if r.memory:
+        roles = ", ".join(f"{k.replace('_', ' ')} {_gb(v)} ({'+'.join(r.memory['placement'][k])})"
+                          for k, v in r.memory["bytes"].items() if v)
+        out.print(f"memory per device: {escape(roles)}; binding tier: "
+                  f"{r.memory['binding'] or 'none'}", highlight=False)
+        parts = ", ".join(f"memory ({k}) {seconds(v)}" for k, v in r.time["memory_s"].items()
+                          if v)
+        frac = r.time["peak_fraction"]
+        out.print(f"step time: {seconds(r.time['step_s'])} = compute "
+                  f"{seconds(r.time['compute_s'])}{', ' + parts if parts else ''}"
+                  + (f"; {frac:.1%} of the matmul peak" if frac is not None else ""),
+                  highlight=False)
     for note in r.lowering:
         out.print(f"[dim]lowered: {escape(note)}[/]", highlight=False)
 
@@ -547,7 +570,8 @@ def estimate(
     seq: Annotated[int | None, typer.Option(help="Sequence length.")] = None,
     vocab: Annotated[int | None, typer.Option(help="Vocabulary size.")] = None,
     backend: Annotated[list[str] | None, typer.Option(
-        "--backend", "-b", help="Backend (repeat for several; 'all' for every one).")] = None,
+        "--backend", "--backends", "-b",
+        help="Backend (repeat for several; 'all' for every one).")] = None,
     micro_batch: Annotated[int, typer.Option(help="Sequences per micro-batch.")] = 1,
     global_batch: Annotated[int | None, typer.Option(
         help="Sequences per step (micro-batch x data).")] = None,
@@ -631,10 +655,14 @@ def estimate(
 
     def placed(r: Any, role: str) -> str:
         where = r.memory.placement[role]
-        if not r.memory.bytes[role]:
+        total = r.memory.bytes[role]
+        if not total:
             return "-"
-        tiers = ", ".join(f"{escape(t)}" for t in where) or "[red]nowhere[/]"
-        return f"{_gb(r.memory.bytes[role])} ({tiers})"
+        parts = [escape(t) for t in where]
+        left = total - sum(where.values())
+        if left > 0:
+            parts.append(f"[red]{_gb(left)} nowhere[/]")
+        return f"{_gb(total)} ({', '.join(parts)})"
 
     for role in ("weights", "gradients", "master_weights", "optimizer_state", "activations"):
         table.add_row(role.replace("_", " "), *(placed(r, role) for r in results))

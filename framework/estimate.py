@@ -330,7 +330,8 @@ def estimate(model: GPT, par: Parallelism, spec: BackendSpec, recipe: Recipe, *,
             "tensor_parallel": "interconnect", "data_parallel": "interconnect",
             "pipeline_bubble": "pipeline depth", "optimizer": "memory bandwidth"}[bound]
     return Estimate(spec.name, dataclasses.asdict(model), dataclasses.asdict(par), recipe.name,
-                    model.params, plan, step, breakdown, f"{bound} ({what})",
+                    model.params, plan, step, breakdown,
+                    f"{bound.replace('_', ' ')} ({what})",
                     par.batch * s / step, _devices_to_fit(plan, roles, spec, par),
                     mfu, achieved, notes)
 

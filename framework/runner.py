@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from hwport import plugins
+from hwport import plugins, profile
 from hwport.engine import Emulator
 from hwport.errors import HwportError
 from hwport.pipeline import Pipeline, PipelineFactory, check_options
@@ -95,6 +95,8 @@ class RunResult:
     framework: str = "torch"
     agreement: dict[str, float] = field(default_factory=dict)
     metric: str = "val_loss"  # the pipeline's headline metric, one of ``metrics``
+    memory: dict[str, Any] = field(default_factory=dict)  # hwport.memory.MemoryPlan
+    time: dict[str, Any] = field(default_factory=dict)  # hwport.profile.StepTime
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data for JSON (non-finite numbers as strings)."""
@@ -267,10 +269,16 @@ def run(backend: str | BackendSpec, pipeline: str | Pipeline | PipelineFactory,
             got, notes = _train(p, spec, rec, seed, progress, capture)
         outcome = rules.train(got.initial["val_loss"], got.metrics.get("val_loss", math.nan),
                               ref.metrics["val_loss"], got.finite)
-        return RunResult(spec.name, p.name, mode, rec.name, seed, p.steps, outcome,
-                         got.metrics, ref.metrics, got.curve, got.telemetry, notes,
-                         time.perf_counter() - t0, metric=p.metric)
-    return _infer(p, spec, rec, seed, ref, rules, t0, progress)
+        result = RunResult(spec.name, p.name, mode, rec.name, seed, p.steps, outcome,
+                           got.metrics, ref.metrics, got.curve, got.telemetry, notes,
+                           time.perf_counter() - t0, metric=p.metric)
+        model = got.model
+    else:
+        result = _infer(p, spec, rec, seed, ref, rules, t0, progress)
+        model = ref.model
+    plan, step = profile.measure(p, model, lower(rec, spec), mode, seed)
+    result.memory, result.time = plan.to_dict(), step.to_dict()
+    return result
 
 
 def _infer(p: Pipeline, spec: BackendSpec, rec: Recipe, seed: int, ref: _Trained,
