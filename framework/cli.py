@@ -277,7 +277,7 @@ def _cost_text(r: Any) -> str:
     m, t = r.memory, r.time
     tiers = "+".join(dict.fromkeys(k for where in m["placement"].values() for k in where))
     fit = "" if m["fits"] else " [red]does not fit[/]"
-    step = f", {seconds(t['step_s'])}/step ({escape(t['bound'])})" if t.get("step_s") else ""
+    step = f", {seconds(t['step_s'])}/step" if t.get("step_s") else ""
     return f"\n[dim]{_gb(m['total'])} in {escape(tiers or '-')}{step}[/]{fit}"
 
 
@@ -688,6 +688,117 @@ def estimate(
             out.print(f"[dim]{r.backend}: {escape(note)}[/]", highlight=False)
     for s_ in skipped:
         out.print(f"[dim]skipped {escape(s_)}[/]", highlight=False)
+
+
+def _sizes(text: str) -> list[int]:
+    """'1K,1M,1G' as bytes (binary multiples, as nccl-tests reads them)."""
+    units = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    sizes = []
+    for item in text.split(","):
+        item = item.strip().upper().removesuffix("B")
+        number, unit = (item[:-1], item[-1]) if item and item[-1] in units else (item, "")
+        try:
+            value = float(number) * units[unit]
+        except ValueError:
+            raise HwportError(f"--sizes {text!r}: {item!r} is not a size like 1K, 4M or "
+                              "1G") from None
+        if value <= 0:
+            raise HwportError(f"--sizes {text!r}: {item!r} must be positive")
+        sizes.append(int(value))
+    return sizes
+
+
+NCCL_TESTS_H100 = 370e9  # nccl-tests, 8x H100 NVLink ring all-reduce, large messages
+
+
+@app.command()
+def collectives(
+    backend: BackendOption = "simgpu",
+    op: Annotated[str, typer.Option(help="all_reduce, reduce_scatter, all_gather, "
+                                         "broadcast, send_recv or all_to_all.")] = "all_reduce",
+    world_size: Annotated[int, typer.Option(help="Ranks.")] = 8,
+    sizes: Annotated[str, typer.Option(help="Buffer sizes per rank (binary K, M, G).")
+                     ] = "1K,1M,1G",
+    algorithm: Annotated[str | None, typer.Option(
+        help="Algorithm (default: the spec's first for this op).")] = None,
+    measure_up_to: Annotated[str, typer.Option(
+        help="Run the collective for real on processes for sizes up to this (0: never).")
+    ] = "4M",
+    reduction_format: Annotated[str | None, typer.Option(
+        help="Reduce in this format instead of the spec's (e.g. bf16).")] = None,
+    seed: SeedOption = 0,
+    validate: Annotated[bool, typer.Option(
+        "--validate", help="simgpu's 8-rank 1 GB ring all-reduce against the "
+        "Thakur-Rabenseifner-Gropp formula and nccl-tests.")] = False,
+    json_path: JsonPathOption = None,
+) -> None:
+    """Predicted time and bandwidth of a backend's collective per size, and the numeric
+    error of a real run in its reduction format."""
+    from hwport import collectives as coll
+
+    if validate:
+        backend, op, world_size, algorithm = "simgpu", "all_reduce", 8, "ring"
+    spec = plugins.get_backend(backend)
+    ic = spec.interconnect
+    declared = ic.collectives.get(op)
+    if declared is None:
+        raise _fail(f"backend {backend!r} declares no {op} "
+                    f"(interconnect.collectives has {sorted(ic.collectives)})")
+    algo = algorithm or declared[0]
+    if algo not in declared:
+        raise _fail(f"backend {backend!r} declares {op} algorithms {list(declared)}, not "
+                    f"{algo!r}")
+    sched = coll.schedule(op, algo, world_size, ic.shape)
+    fmt = reduction_format or ic.reduction_format
+    spec.format(fmt)  # an unknown format fails here, naming the known ones
+    limit = _sizes(measure_up_to)[0] if measure_up_to.strip() not in ("0", "") else 0
+    elem = spec.format(fmt).bits / 8
+    rows = []
+    chosen = [1 << 30] if validate else _sizes(sizes)
+    for size in chosen:
+        c = coll.cost(sched, size, spec)
+        row: dict[str, Any] = {"bytes": size, "seconds": c.seconds, "algbw": c.algbw,
+                               "busbw": c.busbw, "steps": c.steps}
+        if size <= limit:
+            m = coll.measure(op, algo, world_size, max(int(size / elem), 1), fmt, seed,
+                             ic.shape)
+            row["measured"] = {"max_relative_error": m.max_relative,
+                               "rms_relative_error": m.rms_relative,
+                               "ranks_agree": m.ranks_agree}
+        rows.append(row)
+    check = None
+    if validate:
+        alpha, beta = ic.link_latency, 1 / coll.link_bandwidth(spec)
+        thakur = coll.thakur_all_reduce(1 << 30, 8, alpha, beta)
+        pred = rows[0]["busbw"]
+        check = {"predicted_busbw": pred, "thakur_seconds": thakur,
+                 "thakur_busbw": (1 << 30) / thakur * 2 * 7 / 8,
+                 "nccl_tests_busbw": NCCL_TESTS_H100,
+                 "error": (pred - NCCL_TESTS_H100) / NCCL_TESTS_H100}
+    data = {"backend": backend, "op": op, "algorithm": algo, "world_size": world_size,
+            "reduction_format": fmt, "sizes": rows, "validation": check}
+    if json_path is not None:
+        _write_json(json_path, data)
+    if json_path is not None and str(json_path) == "-":
+        return
+    table = Table(title=f"hwport collectives: {op} ({algo}) on {world_size} x {backend}, "
+                        f"reduced in {fmt}", title_justify="left")
+    for col in ("size", "time", "algbw", "busbw", "measured error (max / rms)"):
+        table.add_column(col, justify="right")
+    for row in rows:
+        got = row.get("measured")
+        err = (f"{got['max_relative_error']:.3g} / {got['rms_relative_error']:.3g}"
+               + ("" if got["ranks_agree"] else " [red]ranks disagree[/]")) if got else "-"
+        table.add_row(si(row["bytes"], "B"), seconds(row["seconds"]),
+                      si(row["algbw"], "B/s"), si(row["busbw"], "B/s"), err)
+    out.print(table)
+    if check is not None:
+        out.print(f"8 x simgpu ring all-reduce of 1 GiB: predicted busbw "
+                  f"{si(check['predicted_busbw'], 'B/s')}; Thakur-Rabenseifner-Gropp formula "
+                  f"{seconds(check['thakur_seconds'])} = busbw "
+                  f"{si(check['thakur_busbw'], 'B/s')}; nccl-tests on 8x H100 NVLink about "
+                  f"{si(NCCL_TESTS_H100, 'B/s')}: error {check['error']:+.1%}",
+                  highlight=False)
 
 
 @app.command()
