@@ -277,6 +277,14 @@ def _cost_text(r: Any) -> str:
     m, t = r.memory, r.time
     tiers = "+".join(dict.fromkeys(k for where in m["placement"].values() for k in where))
     fit = "" if m["fits"] else " [red]does not fit[/]"
+    c = r.collectives
+    if c:
+        share = f" ({c['share_of_step']:.0%} of the step)" if c["share_of_step"] is not None \
+            else ""
+        fit += (f"\n[dim]{c['world_size']} ranks: {c['algorithm']} all-reduce "
+                f"{_gb(c['bytes_per_step'])}/step in {c['reduction_format']}, "
+                f"{seconds(c['predicted_s_per_step'])}{share}; gradient error "
+                f"{c['gradient_error']['max_relative']:.2g}[/]")
     step = f", {seconds(t['step_s'])}/step" if t.get("step_s") else ""
     return f"\n[dim]{_gb(m['total'])} in {escape(tiers or '-')}{step}[/]{fit}"
 
@@ -356,6 +364,9 @@ OptionOption = Annotated[list[str] | None, typer.Option("--option", "-o",
                                                         help="Pipeline option key=value.")]
 JsonPathOption = Annotated[Path | None, typer.Option(
     "--json", help="Write the result as JSON to PATH (- for stdout).")]
+WorldSizeOption = Annotated[int, typer.Option(
+    help="Train data-parallel on this many processes, gradients reduced by the backend's "
+         "all-reduce (docs/collectives.md).")]
 CaptureOption = Annotated[bool, typer.Option(
     "--capture/--eager", help="Capture each training step as a graph and replay it; --eager "
     "runs every op through the dispatch mode (same results, slower).")]
@@ -373,6 +384,7 @@ def run(
     option: OptionOption = None,
     json_path: JsonPathOption = None,
     capture: CaptureOption = True,
+    world_size: WorldSizeOption = 1,
 ) -> None:
     """Run one pipeline on one backend and classify it against the reference."""
     from hwport import runner
@@ -380,7 +392,8 @@ def run(
     with _Bars(1) as bars:
         result = runner.run(backend, pipeline, mode, recipe, steps=steps, seed=seed,
                             options=_options(corpus, option), progress=bars.on_cell(
-                                f"{pipeline} {mode} on {backend}", None), capture=capture)
+                                f"{pipeline} {mode} on {backend}", None), capture=capture,
+                            world_size=world_size)
     if json_path is not None:
         _write_json(json_path, result.to_dict())
     if json_path is None or str(json_path) != "-":
@@ -406,6 +419,7 @@ def compare(
                                               "search the mitigations that restore it and "
                                               "show the effort.")] = False,
     budget: Annotated[int, typer.Option(help="With --port: most runs per cell.")] = 8,
+    world_size: WorldSizeOption = 1,
 ) -> None:
     """Run pipelines x modes on every backend and print the outcomes side by side."""
     from hwport import runner
@@ -415,7 +429,8 @@ def compare(
     mode_list = _split(modes) or list(runner.MODES)
     with _Bars(len(names) * len(pipes) * len(mode_list)) as bars:
         comparison = runner.compare(names, pipes, mode_list, recipe, steps=steps, seed=seed,
-                                    on_cell=bars.on_cell, capture=capture)
+                                    on_cell=bars.on_cell, capture=capture,
+                                    world_size=world_size)
     ports: dict[tuple[str, str, str], Any] = {}
     if port_search:
         from hwport import porting

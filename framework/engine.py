@@ -223,6 +223,11 @@ class Emulator:
         self.phase = "forward"
         self.step_index = 0
         self.capture = capture
+        # data parallelism: called with the step's (scaled) gradients after they are rounded
+        # to the gradient format; it replaces them, in place, with their reduction over ranks
+        self.reduce_gradients: Callable[[list[torch.Tensor]], None] | None = None
+        # and told whether this rank found an overflow; returns whether any rank did
+        self.any_rank: Callable[[bool], bool] | None = None
         self._graphs: dict[Any, _Captured | str] = {}
         self._tracing = False
         self._why_not: str | None = None
@@ -631,6 +636,8 @@ class Emulator:
                 assert p.grad is not None
                 self.round_(p.grad, self.grads, "backward/gradients")
             self._fold()
+            if self.reduce_gradients is not None:
+                self.reduce_gradients([p.grad for p in params if p.grad is not None])
             skip = self._loss_scaling(params)
             if not skip:
                 if self.scale != 1.0:
@@ -783,6 +790,8 @@ class Emulator:
         else:  # GradScaler: an inf or NaN in some gradient
             found = any(not bool(torch.isfinite(p.grad).all()) for p in params
                         if p.grad is not None)
+        if self.any_rank is not None:  # every rank skips, or none does
+            found = self.any_rank(found)
         if found:
             self.scale *= policy.backoff
             self._growth_tracker = 0

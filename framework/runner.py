@@ -97,6 +97,7 @@ class RunResult:
     metric: str = "val_loss"  # the pipeline's headline metric, one of ``metrics``
     memory: dict[str, Any] = field(default_factory=dict)  # hwport.memory.MemoryPlan
     time: dict[str, Any] = field(default_factory=dict)  # hwport.profile.StepTime
+    collectives: dict[str, Any] = field(default_factory=dict)  # data parallel: hwport.parallel
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data for JSON (non-finite numbers as strings)."""
@@ -175,12 +176,17 @@ def _evaluate(p: Pipeline, model: torch.nn.Module, em: Emulator) -> dict[str, fl
 
 
 def _train(p: Pipeline, spec: BackendSpec, recipe: Recipe, seed: int,
-           progress: Progress | None, capture: bool = True) -> tuple[_Trained, list[str]]:
+           progress: Progress | None, capture: bool = True, shard: int = 0,
+           setup: Callable[[Emulator], None] | None = None) -> tuple[_Trained, list[str]]:
+    """Train ``p`` under ``recipe`` on ``spec``. ``shard`` > 0 draws that rank's own batches
+    (data parallelism; ``setup`` installs the emulator's hooks)."""
     lowered = lower(recipe, spec)
     em = Emulator(lowered, seed, capture)
+    if setup is not None:
+        setup(em)
     with _seeded(seed):
         model = p.model()
-        batches = p.batches(seed)
+        batches = p.batches(seed if shard == 0 else seed * 1_000_003 + shard)
         with em.active():
             em.prepare(model)
             optimizer = p.optimizer(model.parameters())
@@ -194,6 +200,8 @@ def _train(p: Pipeline, spec: BackendSpec, recipe: Recipe, seed: int,
                 point: dict[str, float] = {"step": step + 1, "loss": loss}
                 if not math.isfinite(loss):
                     finite = False
+                if em.any_rank is not None:  # every rank stops, or none does
+                    finite = not em.any_rank(not finite)
                 last = step + 1 == p.steps or not finite
                 if (step + 1) % p.eval_every == 0 or last:
                     point.update(_evaluate(p, model, em))
@@ -249,15 +257,22 @@ def run(backend: str | BackendSpec, pipeline: str | Pipeline | PipelineFactory,
         mode: str = "train", recipe: str | Recipe = "amp-bf16", *, steps: int | None = None,
         seed: int = 0, options: dict[str, Any] | None = None,
         rules: OutcomeRules | None = None, progress: Progress | None = None,
-        capture: bool = True) -> RunResult:
+        capture: bool = True, world_size: int = 1) -> RunResult:
     """Run one cell and classify it against the reference (see the module docstring).
 
     ``capture=False`` runs every training step eagerly under the dispatch mode (same results,
     slower): for a step whose Python does something different from one call to the next
-    with the same batch shapes (see :meth:`Emulator.train_step`)."""
+    with the same batch shapes (see :meth:`Emulator.train_step`). ``world_size`` > 1 trains
+    data-parallel on that many processes (:mod:`hwport.parallel`)."""
     if mode not in MODES:
         raise HwportError(f"mode {mode!r}: must be one of {list(MODES)}")
     spec, rec = _spec(backend), _recipe(recipe)
+    if world_size != 1:
+        from hwport import parallel
+
+        return parallel.run(spec, pipeline, mode, rec, steps=steps, seed=seed,
+                            options=options, rules=rules or OutcomeRules(),
+                            world_size=world_size, capture=capture)
     p = resolve_pipeline(pipeline, steps, options)
     rules = rules or OutcomeRules()
     ref = _reference(p, seed, progress if spec.name == "reference" else None)
@@ -331,7 +346,7 @@ def compare(backends: Sequence[str] | None = None, pipelines: Sequence[str] | No
             modes: Sequence[str] = MODES, recipe: str | Recipe = "amp-bf16", *,
             steps: int | None = None, seed: int = 0, rules: OutcomeRules | None = None,
             on_cell: Callable[[str, Progress | None], Progress | None] | None = None,
-            capture: bool = True) -> Comparison:
+            capture: bool = True, world_size: int = 1) -> Comparison:
     """Every (pipeline, mode, backend) cell; default: all registered backends, the
     built-in pipelines, both modes."""
     reg = plugins.registry()
@@ -350,6 +365,10 @@ def compare(backends: Sequence[str] | None = None, pipelines: Sequence[str] | No
             for b in names:
                 label = f"{pname} {mode} on {b}"
                 progress = on_cell(label, None) if on_cell else None
+                if world_size != 1 and mode == "train":  # ranks rebuild it by name
+                    cells.append(run(b, pname, mode, rec, steps=steps, seed=seed, rules=rules,
+                                     capture=capture, world_size=world_size))
+                    continue
                 cells.append(run(b, p, mode, rec, seed=seed, rules=rules, progress=progress,
                                  capture=capture))
     return Comparison(rec.name, seed, cells, rec)
