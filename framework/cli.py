@@ -644,6 +644,9 @@ def estimate(
     if "all" in names:
         names = sorted(reg.backends)
     rec = reg.recipe(recipe)
+    par.check(gpt)  # a layout that does not fit the model is wrong on every backend
+    if not 0 < eff <= 1:
+        raise _fail(f"--matmul-efficiency {eff}: must be in (0, 1]")
     results, skipped = [], []
     for name in names:
         spec = plugins.get_backend(name)
@@ -653,6 +656,8 @@ def estimate(
             if len(names) == 1:
                 raise
             skipped.append(f"{name}: {e}")
+    if not results:
+        raise _fail("no backend could be estimated: " + "; ".join(skipped))
     if json_path is not None:
         _write_json(json_path, {"estimates": [r.to_dict() for r in results],
                                 "skipped": skipped})
@@ -686,9 +691,12 @@ def estimate(
                                       f"[red]does not fit ({_gb(r.memory.unplaced)} over)[/]")
         for r in results))
     table.add_row("binding tier", *((r.memory.binding or "none") for r in results))
+    never = "never: model states are not sharded at ZeRO 0" if zero == 0 else \
+        "never: the unsharded roles alone do not fit"
     table.add_row("devices to fit", *(
-        "never (activations alone)" if r.devices_to_fit is None else f"{r.devices_to_fit:,}"
-        + (" (more data parallelism)" if r.devices_to_fit > par.devices else "")
+        never if r.devices_to_fit is None else f"{r.devices_to_fit:,}"
+        + (" (more data parallelism, the batch growing with it)"
+           if r.devices_to_fit > par.devices else "")
         for r in results))
     table.add_row("step time", *(seconds(r.step_s) for r in results))
     table.add_row("tokens/s (job)", *(f"{r.tokens_per_s:,.0f}" for r in results))

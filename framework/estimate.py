@@ -111,7 +111,8 @@ class Parallelism:
     @property
     def batch(self) -> int:
         """Sequences per step."""
-        return self.global_batch or self.micro_batch * self.data
+        return self.global_batch if self.global_batch is not None else \
+            self.micro_batch * self.data
 
     @property
     def devices(self) -> int:
@@ -162,19 +163,21 @@ def model_states(params: float, per_param: dict[str, float], zero: int,
 
 def activations_per_layer(model: GPT, par: Parallelism, act_bytes: float) -> float:
     """Bytes of activations one layer saves for backward for one micro-batch (Korthikanti
-    et al. 2022, Table 2; their 16-bit count scaled by ``act_bytes`` / 2)."""
+    et al. 2022, Table 2). Their count is for 16-bit activations and one-byte dropout masks;
+    other activation formats scale the activations, not the masks."""
     s, b, h, a, t = model.seq, par.micro_batch, model.hidden, model.heads, par.tensor
-    sbh = s * b * h
-    attention = 5 * a * s / h  # softmax output, its dropout and mask: s^2 per head
+    sbh, att = s * b * h, a * s * s * b  # att: one value per head per pair of positions
+    sp = t if par.sequence_parallel else 1  # sequence parallelism shards the rest too
     if par.recompute == "full":
-        per = 2 * sbh / (t if par.sequence_parallel else 1)  # the layer's input only
-    elif par.recompute == "selective":  # the s^2 attention core is recomputed
-        per = 34 * sbh / t if par.sequence_parallel else sbh * (10 + 24 / t)
+        total, masks = 2 * sbh / sp, 0.0  # the layer's input only
+    elif par.recompute == "selective":  # the attention core is recomputed
+        total = 34 * sbh / t if par.sequence_parallel else sbh * (10 + 24 / t)
+        masks = 2 * sbh / sp
     elif par.sequence_parallel:
-        per = sbh * (34 + attention) / t
+        total, masks = (34 * sbh + 5 * att) / t, (2 * sbh + att) / t
     else:
-        per = sbh * (10 + 24 / t + attention / t)
-    return per * act_bytes / 2
+        total, masks = sbh * (10 + 24 / t) + 5 * att / t, 2 * sbh + att / t
+    return (total - masks) * act_bytes / 2 + masks
 
 
 def activations(model: GPT, par: Parallelism, act_bytes: float) -> float:
@@ -199,7 +202,8 @@ class Estimate:
     breakdown: dict[str, float]  # seconds per component of the step
     bound: str  # what the largest component is limited by
     tokens_per_s: float  # the whole job's
-    devices_to_fit: int | None  # fewest devices (more data parallelism) that fit; None: never
+    devices_to_fit: int | None  # fewest devices (more data parallelism, the batch growing
+    # with it) that fit; None: none do
     mfu: float  # model FLOPs (no recomputation) per second per device / the matmul peak
     achieved_flops: float  # FLOPs executed (recomputation included) per second per device
     notes: list[str] = field(default_factory=list)
@@ -207,7 +211,8 @@ class Estimate:
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["memory"] = self.memory.to_dict()
-        return d
+        plain: dict[str, Any] = memory.finite(d)
+        return plain
 
 
 def _allreduce_s(nbytes: float, ranks: int, bandwidth: float, latency: float) -> float:
@@ -269,8 +274,11 @@ def estimate(model: GPT, par: Parallelism, spec: BackendSpec, recipe: Recipe, *,
     gemm_flops = (24 * sbh * h + 4 * sbh * s) / t
     gemm_act = act_b * (sbh * (4 + 15 / t) + 2 * att)  # operands read, outputs written
     gemm_w = mm.bits / 8 * 12 * h * h / t
-    gemm_s = max(gemm_flops / peak, gemm_act / bandwidth("activations")
-                 + gemm_w / bandwidth("weights"))
+    gemm_memory_s = gemm_act / bandwidth("activations") + gemm_w / bandwidth("weights")
+    gemm_s = max(gemm_flops / peak, gemm_memory_s)
+    weights_first = gemm_w / bandwidth("weights") > gemm_act / bandwidth("activations")
+    gemm_bound = f"{mm.name} compute" if gemm_flops / peak >= gemm_memory_s else \
+        f"{plan.tier_of('weights' if weights_first else 'activations')} bandwidth"
     # layer norms, softmax, dropouts, residual adds, GeLU: each reads and writes its tensors
     # once; dropout masks are one byte per element
     row = sbh / t if par.sequence_parallel else sbh
@@ -284,10 +292,14 @@ def estimate(model: GPT, par: Parallelism, spec: BackendSpec, recipe: Recipe, *,
     links = spec.interconnect
     intra = links.link_bandwidth * links.links
     # tensor parallel: the layer's output all-reduced twice in forward, twice in backward
-    tp_s = 4 * _allreduce_s(act_b * sbh, t, intra, links.link_latency)
+    # (six with full recomputation, which runs the forward again)
+    tp_s = (6 if par.recompute == "full" else 4) \
+        * _allreduce_s(act_b * sbh, t, intra, links.link_latency)
     logits_s = 3 * 2 * s * b * h * V / t / peak  # the output layer, on the last stage
-    microbatch_s = L / p * (layer_s + tp_s) + logits_s / p
-    bubble_s = (p - 1) * microbatch_s  # 1F1B: p - 1 micro-batch slots idle per step
+    # 1F1B: the slowest stage (the last, with the output layer) sets the pace; p - 1
+    # micro-batch slots of it are idle per step
+    microbatch_s = L / p * (layer_s + tp_s) + logits_s
+    bubble_s = (p - 1) * microbatch_s
     # data parallel: one shard's gradients reduced across the data-parallel ranks
     inter_bw, inter_lat = intra, links.link_latency
     if par.devices > links.devices:
@@ -299,10 +311,13 @@ def estimate(model: GPT, par: Parallelism, spec: BackendSpec, recipe: Recipe, *,
                          "group's own bandwidth is used")
     # (ZeRO 2 and 3 reduce-scatter instead: half an all-reduce; ZeRO 3 also gathers the
     # weights before forward and before backward: one all-reduce's worth)
-    dp_s = _allreduce_s(per_param["gradients"] * shard, d, inter_bw, inter_lat) \
-        * (0.5 if par.zero >= 2 else 1.0) \
-        + (_allreduce_s(per_param["weights"] * shard, d, inter_bw, inter_lat)
-           if par.zero == 3 else 0.0)
+    # (Rajbhandari et al. 2019, section 7: stages 1 and 2 reduce-scatter the gradients and
+    # all-gather the updated weights, as much as one all-reduce; stage 3 gathers the
+    # weights for backward too, 1.5 times as much)
+    grads_ar = _allreduce_s(per_param["gradients"] * shard, d, inter_bw, inter_lat)
+    weights_ar = _allreduce_s(per_param["weights"] * shard, d, inter_bw, inter_lat)
+    dp_s = {0: grads_ar, 1: 0.5 * (grads_ar + weights_ar), 2: 0.5 * (grads_ar + weights_ar),
+            3: 0.5 * grads_ar + weights_ar}[par.zero]
     # the optimizer reads and writes every model state once, where it lives
     opt_s = sum(2 * nbytes / tiers[tier].bandwidth
                 for r in ("weights", "gradients", "master_weights", "optimizer_state")
@@ -312,7 +327,7 @@ def estimate(model: GPT, par: Parallelism, spec: BackendSpec, recipe: Recipe, *,
                                + (recompute_s if par.recompute == "selective" else 0.0)),
         "elementwise": m * L / p * (3 * elementwise_s
                                     + (elementwise_s if par.recompute == "full" else 0.0)),
-        "logits": m * logits_s / p,
+        "logits": m * logits_s,
         "tensor_parallel": m * L / p * tp_s,
         "pipeline_bubble": bubble_s,
         "data_parallel": dp_s,
@@ -325,7 +340,7 @@ def estimate(model: GPT, par: Parallelism, spec: BackendSpec, recipe: Recipe, *,
     achieved = model.hardware_flops(par.batch, par.recompute) / step / par.devices
     mfu = model.model_flops(par.batch) / step / par.devices / nominal
     bound = max(breakdown, key=lambda k: breakdown[k])
-    what = {"matmul": f"{mm.name} compute", "logits": f"{mm.name} compute",
+    what = {"matmul": gemm_bound, "logits": f"{mm.name} compute",
             "elementwise": f"{plan.tier_of('activations')} bandwidth",
             "tensor_parallel": "interconnect", "data_parallel": "interconnect",
             "pipeline_bubble": "pipeline depth", "optimizer": "memory bandwidth"}[bound]
@@ -339,7 +354,8 @@ def estimate(model: GPT, par: Parallelism, spec: BackendSpec, recipe: Recipe, *,
 def _devices_to_fit(plan: memory.MemoryPlan, roles: dict[str, float], spec: BackendSpec,
                     par: Parallelism) -> int | None:
     """The fewest devices that hold the plan, growing data parallelism only (which shrinks
-    the model states ZeRO partitions); None when no data-parallel degree does."""
+    the model states ZeRO partitions) with the global batch growing along, so that each
+    rank keeps its micro-batches; None when no data-parallel degree does."""
     if plan.fits:
         return par.devices
     sharded = {0: (), 1: ("master_weights", "optimizer_state"),
@@ -385,7 +401,8 @@ class Check:
         return (self.predicted - self.published) / self.published
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self) | {"error": self.error}
+        plain: dict[str, Any] = memory.finite(dataclasses.asdict(self) | {"error": self.error})
+        return plain
 
 
 def validate(matmul_efficiency: float = MATMUL_EFFICIENCY) -> list[Check]:

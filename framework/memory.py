@@ -17,6 +17,7 @@ The placement policy (docs/performance-model.md):
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
@@ -59,7 +60,20 @@ class MemoryPlan:
         return max(where, key=lambda t: where[t]) if where else None
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self) | {"total": self.total, "fits": self.fits}
+        """Plain, strict-JSON data (an unbounded capacity as "inf")."""
+        plain: dict[str, Any] = finite(asdict(self) | {"total": self.total, "fits": self.fits})
+        return plain
+
+
+def finite(x: Any) -> Any:
+    """``x`` as strict JSON data: non-finite floats become the strings "inf", "-inf", "nan"."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return str(x)
+    if isinstance(x, dict):
+        return {k: finite(v) for k, v in x.items()}
+    if isinstance(x, list | tuple):
+        return [finite(v) for v in x]
+    return x
 
 
 def resident_tiers(spec: BackendSpec) -> list[MemoryTier]:
@@ -83,8 +97,8 @@ def plan(spec: BackendSpec, roles: Mapping[str, float],
     unplaced = 0.0
     for role in ROLES:
         need = float(roles.get(role, 0.0))
-        if need < 0:
-            raise HwportError(f"memory role {role}: {need} bytes must be >= 0")
+        if not (math.isfinite(need) and need >= 0):
+            raise HwportError(f"memory role {role}: {need} bytes must be finite and >= 0")
         where: dict[str, float] = {}
         for t in tiers:
             if need <= 0:

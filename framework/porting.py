@@ -20,7 +20,7 @@ from hwport import plugins, runner
 from hwport.errors import HwportError, UnknownNameError
 from hwport.hookspecs import hookimpl
 from hwport.pipeline import Pipeline, PipelineFactory
-from hwport.recipes import FP32_OP_GROUPS, Mitigation, Recipe
+from hwport.recipes import FP32_OP_GROUPS, Mitigation, Recipe, lower
 from hwport.spec import BackendSpec
 
 TRAIN = ("train",)  # weight-update and gradient policies: nothing to change in inference
@@ -136,7 +136,7 @@ class PortResult:
     effort: int | None  # None: no set within the budget restores parity
     evidence: dict[str, str] = field(default_factory=dict)
     not_applicable: list[str] = field(default_factory=list)  # mitigations the backend lacks
-    searched_all: bool = False  # every applicable set was tried (not stopped by the budget)
+    searched_all: bool = False  # every distinct set of up to MAX_SET was tried (budget left)
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -145,6 +145,7 @@ class PortResult:
 
 
 AT_PARITY = {"train": "converged", "infer": "parity"}
+MAX_SET = 3  # the search tries sets of up to this many mitigations
 
 
 def port(backend: str | BackendSpec, pipeline: str | Pipeline | PipelineFactory,
@@ -204,10 +205,19 @@ def port(backend: str | BackendSpec, pipeline: str | Pipeline | PipelineFactory,
         fields = [{k.partition(".")[0] for k in m.changes} for m in combo]
         return sum(map(len, fields)) == len(set().union(*fields))
 
-    for size in (1, 2, 3):
+    # a set that leaves the recipe (as the backend runs it) unchanged, or as an earlier set
+    # left it, is not run again
+    tried = {lower(rec, spec).recipe}
+    for size in range(1, MAX_SET + 1):
         combos = sorted(filter(compatible, itertools.combinations(ordered, size)),
                         key=lambda c: (sum(rank(m)[0] for m in c), sum(m.effort for m in c)))
         for combo in combos:
+            changed = rec
+            for m in combo:
+                changed = m.apply(changed)
+            if lower(changed, spec).recipe in tried:
+                continue
+            tried.add(lower(changed, spec).recipe)
             if out.trials >= budget:
                 return out
             result, t = trial(combo)

@@ -45,7 +45,7 @@ class StepTime:
     memory_s: dict[str, float]  # ops (and the optimizer) bound by a tier's bandwidth
     flops: dict[str, float]  # matmul FLOPs by operand format
     bytes_moved: float
-    peak_fraction: float | None  # matmul FLOPs / step time / the matmul format's peak
+    peak_fraction: float | None  # (matmul FLOPs at their formats' peaks) / step time
     bound: str
     notes: list[str] = field(default_factory=list)
 
@@ -60,18 +60,20 @@ class _Count(TorchDispatchMode):  # type: ignore[no-untyped-call]
         super().__init__()  # type: ignore[no-untyped-call]
         self.fmt_bytes = fmt_bytes
         self.phase = "forward"
-        self.ops: list[tuple[float, float]] = []  # (flops, bytes)
+        self.ops: list[tuple[float, float, str]] = []  # (flops, bytes, operand role)
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None
                            ) -> Any:
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
+        if _moves_nothing(func):
+            return out
         counter = flop_registry.get(func.overloadpacket)
         flops = 0.0
         if counter is not None:
             flops = float(counter(*args, **kwargs, out_val=out))
-        operand = self.fmt_bytes["matmul_input" if self.phase == "forward"
-                                 else "matmul_input_backward"]
+        role = "matmul_input" if self.phase == "forward" else "matmul_input_backward"
+        operand = self.fmt_bytes[role]
         moved = 0.0
         for i, t in enumerate(tree_flatten((args, kwargs))[0]):
             if isinstance(t, torch.Tensor):
@@ -80,11 +82,25 @@ class _Count(TorchDispatchMode):  # type: ignore[no-untyped-call]
         for t in tree_flatten(out)[0]:
             if isinstance(t, torch.Tensor):
                 moved += t.numel() * self._size(t)
-        self.ops.append((flops, moved))
+        self.ops.append((flops, moved, role))
         return out
 
     def _size(self, t: torch.Tensor) -> float:
         return self.fmt_bytes["activations"] if t.is_floating_point() else t.element_size()
+
+
+_NO_DATA = {"detach", "alias", "lift_fresh"}
+
+
+def _moves_nothing(func: Any) -> bool:
+    """Ops that only make a view or an alias of their input (view, transpose, expand,
+    detach, ...): no data moves."""
+    schema = func._schema
+    return func.overloadpacket.__name__ in _NO_DATA or (
+        bool(schema.returns) and all(r.alias_info is not None and not r.alias_info.is_write
+                                     for r in schema.returns)
+        and not any(a.alias_info is not None and a.alias_info.is_write
+                    for a in schema.arguments))
 
 
 def _bytes(spec: Any, name: str | None) -> float:
@@ -126,9 +142,10 @@ def measure(p: Pipeline, model: torch.nn.Module, lowered: Lowered, mode: str,
             state = sum(v.numel() for s in optimizer.state.values() for v in s.values()
                         if isinstance(v, torch.Tensor) and v.is_floating_point()
                         and v.dim() > 0)
+            kahan = 4 * n if recipe.kahan_updates else 0  # one fp32 compensation each
             roles |= {"gradients": n * fmt["gradients"],
                       "master_weights": n * fmt["master_weights"],
-                      "optimizer_state": state * fmt["optimizer_state"],
+                      "optimizer_state": state * fmt["optimizer_state"] + kahan,
                       "activations": saved.bytes}
             moved = {"activations": 2 * saved.bytes, "weights": 2 * roles["weights"]}
         else:
@@ -140,7 +157,7 @@ def measure(p: Pipeline, model: torch.nn.Module, lowered: Lowered, mode: str,
     return plan, _time(plan, counter.ops, lowered, mode)
 
 
-def _time(plan: memory.MemoryPlan, ops: list[tuple[float, float]], lowered: Lowered,
+def _time(plan: memory.MemoryPlan, ops: list[tuple[float, float, str]], lowered: Lowered,
           mode: str) -> StepTime:
     spec, recipe = lowered.backend, lowered.recipe
     tiers = {t.name: t for t in memory.resident_tiers(spec)}
@@ -148,17 +165,26 @@ def _time(plan: memory.MemoryPlan, ops: list[tuple[float, float]], lowered: Lowe
     bw = tiers[act_tier].bandwidth
     notes = []
     peaks = spec.compute.peak_flops
-    mm = recipe.matmul_input
-    peak = peaks.get(mm)
-    if peak is None:
-        peak = min(peaks.values())
-        notes.append(f"{spec.name} gives no peak for {mm} matmuls: its lowest peak is used")
+    formats = {"matmul_input": recipe.matmul_input,
+               "matmul_input_backward": recipe.backward_input}
+
+    def peak_of(fmt: str) -> float:
+        if fmt in peaks:
+            return peaks[fmt]
+        note = f"{spec.name} gives no peak for {fmt} matmuls: its lowest peak is used"
+        if note not in notes:
+            notes.append(note)
+        return min(peaks.values())
+
     compute_s, memory_s = 0.0, {t: 0.0 for t in tiers}
-    flops = moved = 0.0
-    for f, b in ops:
-        flops += f
+    flops: dict[str, float] = {}
+    moved = 0.0
+    for f, b, role in ops:
+        fmt = formats[role]
         moved += b
-        tc, tm = (f / peak if f else 0.0), b / bw
+        tc, tm = (f / peak_of(fmt) if f else 0.0), b / bw
+        if f:
+            flops[fmt] = flops.get(fmt, 0.0) + f
         if tc >= tm and f:
             compute_s += tc
         else:
@@ -169,7 +195,9 @@ def _time(plan: memory.MemoryPlan, ops: list[tuple[float, float]], lowered: Lowe
                 memory_s[tier] += 2 * nbytes / tiers[tier].bandwidth
     step = compute_s + sum(memory_s.values())
     finite = math.isfinite(step) and step > 0
+    mm = recipe.matmul_input
     parts = {f"compute ({mm})": compute_s, **{f"memory ({t})": v for t, v in memory_s.items()}}
-    return StepTime(step if finite else 0.0, compute_s, memory_s, {mm: flops}, moved,
-                    flops / step / peak if finite and math.isfinite(peak) else None,
+    ideal = sum(f / peak_of(fmt) for fmt, f in flops.items())  # every FLOP at its peak
+    return StepTime(step if finite else 0.0, compute_s, memory_s, flops, moved,
+                    ideal / step if finite and math.isfinite(ideal) else None,
                     max(parts, key=lambda k: parts[k]) if finite else "unbounded", notes)

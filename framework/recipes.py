@@ -40,6 +40,15 @@ class LossScaling:
     growth_interval: int = 2000
     check: str = "nonfinite"
 
+    def __post_init__(self) -> None:
+        if self.check not in ("nonfinite", "overflow_flags"):
+            raise HwportError(f"loss scaling check={self.check!r}: must be 'nonfinite' or "
+                              "'overflow_flags'")
+        if not (self.init_scale > 0 and self.growth >= 1 and 0 < self.backoff <= 1
+                and self.growth_interval >= 1):
+            raise HwportError(f"loss scaling {self}: needs init_scale > 0, growth >= 1, "
+                              "0 < backoff <= 1 and growth_interval >= 1")
+
 
 @dataclass(frozen=True)
 class FP8Scaling:
@@ -206,6 +215,14 @@ class Mitigation:
                               f"signals are {sorted(SIGNALS)}")
         if self.effort < 1:
             raise HwportError(f"mitigation {self.name!r}: effort {self.effort} must be >= 1")
+        for key, value in self.changes.items():  # each policy setting must make a policy
+            if "." in key:
+                name, _, attr = key.partition(".")
+                try:
+                    dataclasses.replace(_POLICIES[name](), **{attr: value})
+                except HwportError as e:
+                    raise HwportError(f"mitigation {self.name!r}: {key}={value!r}: {e}") \
+                        from None
 
     def applies_to(self, spec: BackendSpec) -> bool:
         return set(self.needs) <= spec.capabilities

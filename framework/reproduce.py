@@ -23,7 +23,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from hwport import plugins, runner
-from hwport.errors import UnknownNameError
+from hwport.errors import HwportError, UnknownNameError
+from hwport.memory import finite
 from hwport.porting import AT_PARITY, diagnose
 from hwport.recipes import SIGNALS, LossScaling, Recipe, builtin
 
@@ -122,7 +123,7 @@ class Reproduced:
             return {"recipe": c.recipe, "outcome": c.outcome, "metrics": c.metrics,
                     "reference_metrics": c.reference_metrics, "wall_s": c.wall_s}
 
-        return runner._finite({  # type: ignore[no-any-return]
+        return finite({  # type: ignore[no-any-return]
             "name": r.name, "paper": r.paper, "claim": r.claim, "backend": r.backend,
             "pipeline": r.pipeline, "recipe": r.recipe.name, "signal": r.signal,
             "failure": cell(self.failure) | {"telemetry": self.failure.telemetry},
@@ -147,10 +148,18 @@ def reproduce(which: Sequence[str | Reproduction] | None = None, *, small: bool 
         chosen.append(known[item] if isinstance(item, str) else item)
     mitigations = plugins.registry().mitigations
     for r in chosen:  # every name is checked before any run
+        spec = plugins.get_backend(r.backend)
+        if r.control is not None:
+            plugins.get_backend(r.control)
+        runner.resolve_pipeline(r.pipeline, None, dict(r.small if small else r.options))
         for m in r.fixes:
             if m not in mitigations:
                 raise UnknownNameError("mitigation", m, mitigations,
                                        f"It is a fix of reproduction {r.name!r}")
+            if not mitigations[m].applies_to(spec) or "train" not in mitigations[m].modes:
+                raise HwportError(f"reproduction {r.name!r}: fix {m!r} does not apply to "
+                                  f"training on {r.backend} (it needs "
+                                  f"{list(mitigations[m].needs)})")
     done = []
     for r in chosen:
         options = dict(r.small if small else r.options)

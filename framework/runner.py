@@ -24,6 +24,7 @@ import torch
 from hwport import plugins, profile
 from hwport.engine import Emulator
 from hwport.errors import HwportError
+from hwport.memory import finite
 from hwport.pipeline import Pipeline, PipelineFactory, check_options
 from hwport.recipes import Recipe, lower
 from hwport.spec import BackendSpec
@@ -101,17 +102,7 @@ class RunResult:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data for JSON (non-finite numbers as strings)."""
-        return _finite(asdict(self))  # type: ignore[no-any-return]
-
-
-def _finite(x: Any) -> Any:
-    if isinstance(x, float) and not math.isfinite(x):
-        return str(x)
-    if isinstance(x, dict):
-        return {k: _finite(v) for k, v in x.items()}
-    if isinstance(x, list | tuple):
-        return [_finite(v) for v in x]
-    return x
+        return finite(asdict(self))  # type: ignore[no-any-return]
 
 
 def cache_dir() -> Path:
