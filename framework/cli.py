@@ -495,8 +495,9 @@ def _effort_text(r: Any) -> str:
     if r.effort == 0:
         return "ports as is (effort 0)"
     if r.effort is None:
-        return f"no fix: all {r.trials - 1} sets tried" if r.searched_all else \
-            f"no fix within {r.trials} trials"
+        n = r.trials - 1
+        return (f"no fix: tried every set ({n})" if r.searched_all
+                else f"no fix within {r.trials} trials")
     return f"effort {r.effort}: " + " + ".join(m["name"] for m in r.mitigations)
 
 
