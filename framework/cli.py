@@ -473,12 +473,14 @@ def port(
     corpus: CorpusOption = None,
     option: OptionOption = None,
     json_path: JsonPathOption = None,
+    world_size: WorldSizeOption = 1,
 ) -> None:
     """Find the smallest set of mitigations that brings a recipe to parity on a backend."""
     from hwport import porting
 
     result = porting.port(backend, pipeline, recipe, mode, budget=budget, steps=steps,
-                          seed=seed, options=_options(corpus, option), on_trial=_show_trial)
+                          seed=seed, options=_options(corpus, option), on_trial=_show_trial,
+                          world_size=world_size)
     if json_path is not None:
         _write_json(json_path, result.to_dict())
     if json_path is None or str(json_path) != "-":

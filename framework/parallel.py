@@ -43,7 +43,8 @@ def _rank(rank: int, world: int, spec_data: dict[str, Any], recipe: Recipe, pipe
     ic = spec.interconnect
     algorithm = ic.collectives["all_reduce"][0]
     sched = collectives.schedule("all_reduce", algorithm, world, ic.shape)
-    red, grads_fmt = ic.reduction_format, lower(recipe, spec).recipe.gradients
+    lowered = lower(recipe, spec).recipe
+    red, grads_fmt = lowered.reduction_format or ic.reduction_format, lowered.gradients
     errors: list[tuple[float, float]] = []
     sizes: list[int] = []
 

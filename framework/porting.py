@@ -60,6 +60,10 @@ BUILTIN: tuple[Mitigation, ...] = (
                {"fp8_scaling.history": 0, "fp8_scaling.mechanism": "bias"},
                needs=("configurable_exponent_bias",), signals=("matmul_input_range",),
                effort=2),
+    Mitigation("fp32-gradient-reduction", "accumulate data-parallel gradient all-reduces in "
+               "fp32 (the gradients cast to fp32 for the collective: twice the bytes of "
+               "bf16 on the network)", {"reduction_format": "fp32"},
+               signals=("reduction_error",), effort=2, modes=TRAIN),
     Mitigation("lr-warmup", "ramp the learning rate up linearly over the first 20 steps",
                {"warmup_steps": 20}, signals=("diverged", "gradient_overflow"), effort=1,
                modes=TRAIN),
@@ -103,6 +107,10 @@ def diagnose(result: runner.RunResult) -> dict[str, str]:
         found["lost_updates"] = f"{lost:.1%} of weight updates were lost to rounding"
     if result.outcome == "diverged":
         found["diverged"] = "the loss became NaN or inf"
+    reduced = result.collectives.get("gradient_error", {}).get("max_relative", 0.0)
+    if reduced > 1e-5:
+        found["reduction_error"] = (f"the all-reduced gradients were off their exact average "
+                                    f"by up to {reduced:.2g} (relative)")
     return found
 
 
@@ -153,7 +161,7 @@ def port(backend: str | BackendSpec, pipeline: str | Pipeline | PipelineFactory,
          steps: int | None = None, seed: int = 0, options: dict[str, Any] | None = None,
          mitigations: Sequence[str] | None = None,
          on_trial: Callable[[Trial], None] | None = None,
-         before: runner.RunResult | None = None) -> PortResult:
+         before: runner.RunResult | None = None, world_size: int = 1) -> PortResult:
     """Run ``recipe`` on ``backend``; if it is not at parity, find the smallest set of
     mitigations (at most ``budget`` runs in all, the first included) that restores it.
     ``before``: that first run, when it was already made (a comparison's cell).
@@ -174,7 +182,10 @@ def port(backend: str | BackendSpec, pipeline: str | Pipeline | PipelineFactory,
         r = rec
         for m in chosen:
             r = m.apply(r)
-        result = runner.run(spec, p, mode, r, seed=seed)
+        result = runner.run(spec, pipeline if world_size > 1 else p, mode, r, seed=seed,
+                            steps=steps if world_size > 1 else None,
+                            options=options if world_size > 1 else None,
+                            world_size=world_size)
         t = Trial(tuple(m.name for m in chosen), result.outcome,
                   result.metrics.get(result.metric), result.wall_s)
         if on_trial:
@@ -242,5 +253,6 @@ def efforts(comparison: runner.Comparison, budget: int = 8,
     """The porting search for every cell of a comparison (cells at parity cost no trial)."""
     recipe = comparison.definition or comparison.recipe
     return [port(c.backend, c.pipeline, recipe, c.mode, budget=budget,
-                 steps=c.steps, seed=c.seed, on_trial=on_trial, before=c)
+                 steps=c.steps, seed=c.seed, on_trial=on_trial, before=c,
+                 world_size=c.collectives.get("world_size", 1))
             for c in comparison.cells]

@@ -87,6 +87,9 @@ class Recipe:
     ``update_rounding`` rounds the results of optimizer updates (nearest or stochastic;
     ``software_stochastic`` keeps stochastic update rounding on a backend without it in
     hardware, as the optimizer's own code would: a random draw and an add per update);
+    ``reduction_format`` (None: the backend's) is the format data-parallel gradient
+    reductions accumulate in, when the training code casts the gradients for the
+    all-reduce itself (fp32 reductions of bf16 gradients, say);
     ``kahan_updates`` carries each parameter's rounding error into its next update
     (compensated summation); ``warmup_steps`` ramps the learning rate linearly from
     1/warmup_steps of its value over that many steps.
@@ -109,6 +112,7 @@ class Recipe:
     kahan_updates: bool = False
     warmup_steps: int = 0
     software_stochastic: bool = False
+    reduction_format: str | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "fp32_ops", tuple(self.fp32_ops))
@@ -173,6 +177,7 @@ SIGNALS = {
     "matmul_input_range": "8-bit matmul inputs overflowed or underflowed",
     "lost_updates": "weight updates lost to rounding",
     "diverged": "training diverged (NaN or inf loss)",
+    "reduction_error": "data-parallel gradient reductions measurably off the exact sum",
 }
 
 
@@ -274,7 +279,7 @@ def lower(recipe: Recipe, spec: BackendSpec) -> Lowered:
     storage = [spec.format(f) for f in spec.precision.formats]
     matmul = [spec.format(f) for f in spec.precision.matmul_inputs]
     for role in ("matmul_input", "matmul_input_backward", "activations", "weights",
-                 "master_weights", "gradients", "optimizer_state"):
+                 "master_weights", "gradients", "optimizer_state", "reduction_format"):
         name = getattr(recipe, role)
         if name is None:
             continue

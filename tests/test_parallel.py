@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from hwport import collectives, plugins, runner
+from hwport import collectives, plugins, porting, runner
 from hwport.errors import HwportError
 
 pytestmark = pytest.mark.usefixtures("reference_cache")
@@ -44,6 +44,15 @@ def test_reduction_format_changes_the_numbers() -> None:
     r = runner.run(bf16, "lm", "train", "amp-bf16", steps=5, world_size=2)
     assert r.collectives["reduction_format"] == "bf16"
     assert 1e-4 < r.collectives["gradient_error"]["max_relative"] < 1e-2
+    # the telemetry names the cause, and the mitigation that casts the gradients to fp32
+    # for the all-reduce restores fp32's error, at twice the bytes of a bf16 reduction
+    assert "reduction_error" in porting.diagnose(r)
+    fix = plugins.registry().mitigations["fp32-gradient-reduction"]
+    f = runner.run(bf16, "lm", "train", fix.apply(plugins.registry().recipe("amp-bf16")),
+                   steps=5, world_size=2)
+    assert f.collectives["reduction_format"] == "fp32"
+    assert f.collectives["gradient_error"]["max_relative"] < 1e-6
+    assert f.collectives["bytes_per_step"] == 2 * r.collectives["bytes_per_step"]
 
 
 def test_bad_data_parallel_requests() -> None:
