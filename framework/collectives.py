@@ -27,12 +27,13 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from hwport.errors import HwportError
 from hwport.spec import BackendSpec
+
+if TYPE_CHECKING:
+    import torch
 
 OPS = ("all_reduce", "reduce_scatter", "all_gather", "broadcast", "send_recv", "all_to_all")
 
@@ -231,6 +232,7 @@ def execute(sched: Schedule, buffer: torch.Tensor, fmt: str, rank: int,
     """Run ``sched`` on this rank's ``buffer`` (float32 holding values of ``fmt``) with
     torch.distributed point-to-point calls; every reduction is rounded to ``fmt`` to
     nearest, in the schedule's order. Returns the buffer (updated in place)."""
+    import torch
     import torch.distributed as dist
 
     from hwport.rounding import quantize
@@ -267,6 +269,7 @@ def _free_port() -> int:
 
 def _worker(rank: int, world: int, port: int, timeout: float, fn: Callable[..., Any],
             args: tuple[Any, ...], out: str) -> None:
+    import torch
     import torch.distributed as dist
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
@@ -285,6 +288,7 @@ def launch(world: int, fn: Callable[..., Any], *args: Any, timeout: float = 120.
     with that rank's error; one that hangs past ``timeout`` seconds ends it too."""
     import tempfile
 
+    import torch
     from torch.multiprocessing.spawn import (
         ProcessExitedException,
         ProcessRaisedException,
@@ -318,6 +322,8 @@ def launch(world: int, fn: Callable[..., Any], *args: Any, timeout: float = 120.
 # -- measurement: a real run's numbers against the exact result ----------------------------
 
 def _inputs(seed: int, rank: int, elements: int, fmt: str) -> torch.Tensor:
+    import torch
+
     from hwport.rounding import quantize
 
     g = torch.Generator().manual_seed(seed * 1_000_003 + rank)
@@ -333,6 +339,7 @@ def _job(rank: int, world: int, op: str, algorithm: str, fmt: str, elements: int
 def exact(op: str, inputs: list[torch.Tensor], chunks: int) -> list[torch.Tensor]:
     """What each rank should end with, computed exactly (float64) from every rank's input:
     for reductions, the chunks a rank owns afterwards (all of them for all-reduce)."""
+    import torch
     total = torch.stack([x.double() for x in inputs]).sum(0)
     n = len(inputs)
     if op == "all_reduce":
@@ -366,6 +373,7 @@ def measure(op: str, algorithm: str, world: int, elements: int, fmt: str, seed: 
             shape: tuple[int, ...] = (), timeout: float = 120.0) -> Measured:
     """Run the collective for real on ``world`` processes (gloo) on random inputs in
     ``fmt`` and compare each rank's result with the exact one."""
+    import torch
     sched = schedule(op, algorithm, world, shape)
     outs = launch(world, _job, op, algorithm, fmt, elements, seed, shape, timeout=timeout)
     inputs = [_inputs(seed, r, elements, fmt) for r in range(world)]

@@ -196,6 +196,14 @@ def _is_float(t: Any) -> bool:
     return isinstance(t, torch.Tensor) and t.is_floating_point()
 
 
+@contextlib.contextmanager
+def seeded(seed: int) -> Iterator[None]:
+    """Torch's CPU random state seeded with ``seed`` inside, restored after."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
 class Emulator:
     """Runs torch programs with a lowered recipe on a backend (see the module docstring)."""
 

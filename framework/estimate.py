@@ -21,7 +21,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from hwport import memory
+from hwport import collectives, memory
 from hwport.errors import HwportError
 from hwport.recipes import Recipe, lower
 from hwport.spec import BackendSpec
@@ -216,11 +216,9 @@ class Estimate:
 
 
 def _allreduce_s(nbytes: float, ranks: int, bandwidth: float, latency: float) -> float:
-    """Ring all-reduce (Thakur, Rabenseifner and Gropp 2005): 2(p-1) latencies and
-    2(p-1)/p of the buffer over each rank's bandwidth."""
-    if ranks <= 1:
-        return 0.0
-    return 2 * (ranks - 1) * latency + 2 * (ranks - 1) / ranks * nbytes / bandwidth
+    """A ring all-reduce (:func:`hwport.collectives.thakur_all_reduce`, no reduction cost)."""
+    return collectives.thakur_all_reduce(nbytes, ranks, latency, 1 / bandwidth) if ranks > 1 \
+        else 0.0
 
 
 # The fraction of the matmul peak that large GEMMs sustain, calibrated once on the first
@@ -290,7 +288,7 @@ def estimate(model: GPT, par: Parallelism, spec: BackendSpec, recipe: Recipe, *,
     # backward: two GEMMs per forward GEMM; elementwise backward reads twice, writes once
     layer_s = 3 * gemm_s + 3 * elementwise_s + recompute_s
     links = spec.interconnect
-    intra = links.link_bandwidth * links.links
+    intra = collectives.link_bandwidth(spec)  # to one peer: the links a ring step uses
     # tensor parallel: the layer's output all-reduced twice in forward, twice in backward
     # (six with full recomputation, which runs the forward again)
     tp_s = (6 if par.recompute == "full" else 4) \

@@ -19,10 +19,8 @@ states these assumptions.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import math
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -32,6 +30,7 @@ from torch.utils._pytree import tree_flatten
 from torch.utils.flop_counter import flop_registry
 
 from hwport import memory
+from hwport.engine import seeded
 from hwport.pipeline import Pipeline
 from hwport.recipes import Lowered
 
@@ -107,13 +106,6 @@ def _bytes(spec: Any, name: str | None) -> float:
     return spec.format(name).bits / 8 if name else 0.0
 
 
-@contextlib.contextmanager
-def _quiet_rng(seed: int) -> Iterator[None]:
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        yield
-
-
 def measure(p: Pipeline, model: torch.nn.Module, lowered: Lowered, mode: str,
             seed: int = 0) -> tuple[memory.MemoryPlan, StepTime]:
     """The memory plan and predicted time of one ``mode`` step (see the module docstring)."""
@@ -125,7 +117,7 @@ def measure(p: Pipeline, model: torch.nn.Module, lowered: Lowered, mode: str,
     params = [q for q in work.parameters() if q.requires_grad]
     n = sum(q.numel() for q in params)
     roles = {"weights": n * fmt["weights"]}
-    with _quiet_rng(seed):
+    with seeded(seed):
         if mode == "train":
             batch = next(p.batches(seed))
             work.train()

@@ -9,12 +9,11 @@ outputs with the reference's. Outcomes follow :class:`OutcomeRules` (docs/pipeli
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,7 +21,7 @@ from typing import Any
 import torch
 
 from hwport import plugins, profile
-from hwport.engine import Emulator
+from hwport.engine import Emulator, seeded
 from hwport.errors import HwportError
 from hwport.memory import finite
 from hwport.pipeline import Pipeline, PipelineFactory, check_options
@@ -110,13 +109,6 @@ def cache_dir() -> Path:
     return Path(os.environ.get("HWPORT_CACHE") or Path.home() / ".cache" / "hwport")
 
 
-@contextlib.contextmanager
-def _seeded(seed: int) -> Iterator[None]:
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        yield
-
-
 def resolve_pipeline(pipeline: str | Pipeline | PipelineFactory, steps: int | None = None,
                      options: dict[str, Any] | None = None) -> Pipeline:
     """A built pipeline from a name, a ``module:factory`` reference, a factory or itself."""
@@ -175,7 +167,7 @@ def _train(p: Pipeline, spec: BackendSpec, recipe: Recipe, seed: int,
     em = Emulator(lowered, seed, capture)
     if setup is not None:
         setup(em)
-    with _seeded(seed):
+    with seeded(seed):
         model = p.model()
         batches = p.batches(seed if shard == 0 else seed * 1_000_003 + shard)
         with em.active():
@@ -216,7 +208,7 @@ def _reference(p: Pipeline, seed: int, progress: Progress | None = None) -> _Tra
     if path.exists():
         try:
             saved = torch.load(path, weights_only=False)
-            with _seeded(seed):
+            with seeded(seed):
                 model = p.model()
             model.load_state_dict(saved["state"])
             trained = _Trained(model, saved["curve"], saved["metrics"], saved["initial"],
