@@ -6,11 +6,13 @@ naming what is wrong and where, with exit status 1 (2 for bad usage).
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
 import math
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
@@ -23,7 +25,7 @@ import hwport
 from hwport import formats as _formats
 from hwport import plugins
 from hwport.errors import HwportError
-from hwport.spec import BackendSpec
+from hwport.spec import BackendSpec, seconds, si
 
 app = typer.Typer(
     help="What happens to your training and inference pipelines when you port them from "
@@ -46,24 +48,6 @@ def _fail(message: str) -> typer.Exit:
 
 def _json(data: Any) -> None:
     sys.stdout.write(json.dumps(data, indent=2, allow_nan=False) + "\n")
-
-
-def si(value: float, unit: str) -> str:
-    """``value`` with an SI prefix: si(3.35e12, "B/s") == "3.35 TB/s"."""
-    if math.isinf(value):
-        return "unbounded"
-    for factor, prefix in ((1e15, "P"), (1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
-        if abs(value) >= factor:
-            return f"{value / factor:.4g} {prefix}{unit}"
-    return f"{value:.4g} {unit}"
-
-
-def seconds(value: float) -> str:
-    """A duration in s, ms, us or ns."""
-    for factor, unit in ((1, "s"), (1e-3, "ms"), (1e-6, "us"), (1e-9, "ns")):
-        if value >= factor:
-            return f"{value / factor:.3g} {unit}"
-    return "0"
 
 
 def _version(value: bool) -> None:
@@ -367,6 +351,17 @@ JsonPathOption = Annotated[Path | None, typer.Option(
 WorldSizeOption = Annotated[int, typer.Option(
     help="Train data-parallel on this many processes, gradients reduced by the backend's "
          "all-reduce (docs/collectives.md).")]
+StoreOption = Annotated[Path | None, typer.Option(
+    "--store", help="The results store (default: $HWPORT_STORE, else "
+    "~/.local/share/hwport/results.sqlite; docs/results.md).")]
+NoStoreOption = Annotated[bool, typer.Option(
+    "--no-store", help="Keep nothing in the results store.")]
+ResumeOption = Annotated[bool, typer.Option(
+    "--resume", help="Skip cells already in the store for the same spec, pipeline, recipe "
+    "and seed (and continue this command's interrupted run).")]
+TensorBoardOption = Annotated[Path | None, typer.Option(
+    "--tensorboard", help="Also write each cell as TensorBoard event files under DIR "
+    "(when tensorboard is installed).")]
 CaptureOption = Annotated[bool, typer.Option(
     "--capture/--eager", help="Capture each training step as a graph and replay it; --eager "
     "runs every op through the dispatch mode (same results, slower).")]
@@ -385,15 +380,24 @@ def run(
     json_path: JsonPathOption = None,
     capture: CaptureOption = True,
     world_size: WorldSizeOption = 1,
+    store_path: StoreOption = None,
+    no_store: NoStoreOption = False,
+    resume: ResumeOption = False,
+    tensorboard: TensorBoardOption = None,
 ) -> None:
     """Run one pipeline on one backend and classify it against the reference."""
     from hwport import runner
 
-    with _Bars(1) as bars:
-        result = runner.run(backend, pipeline, mode, recipe, steps=steps, seed=seed,
-                            options=_options(corpus, option), progress=bars.on_cell(
+    rec = plugins.registry().recipe(recipe)
+    opts = _options(corpus, option)
+    params = {"backends": [backend], "pipelines": [pipeline], "modes": [mode],
+              "options": opts}
+    with _stored("run", rec, seed, steps, world_size, params, 1, store_path, no_store,
+                 resume, tensorboard) as session, _Bars(1) as bars:
+        result = runner.run(backend, pipeline, mode, rec, steps=steps, seed=seed,
+                            options=opts, progress=bars.on_cell(
                                 f"{pipeline} {mode} on {backend}", None), capture=capture,
-                            world_size=world_size)
+                            world_size=world_size, session=session)
     if json_path is not None:
         _write_json(json_path, result.to_dict())
     if json_path is None or str(json_path) != "-":
@@ -420,23 +424,37 @@ def compare(
                                               "show the effort.")] = False,
     budget: Annotated[int, typer.Option(help="With --port: most runs per cell.")] = 8,
     world_size: WorldSizeOption = 1,
+    store_path: StoreOption = None,
+    no_store: NoStoreOption = False,
+    resume: ResumeOption = False,
+    tensorboard: TensorBoardOption = None,
 ) -> None:
-    """Run pipelines x modes on every backend and print the outcomes side by side."""
+    """Run pipelines x modes on every backend and print the outcomes side by side.
+
+    Each cell is committed to the results store as it finishes; after an interruption,
+    the same command with --resume runs only the cells that are missing."""
     from hwport import runner
 
     names = _split(backends) or sorted(plugins.registry().backends)
     pipes = _split(pipelines) or ["digits", "lm"]
     mode_list = _split(modes) or list(runner.MODES)
-    with _Bars(len(names) * len(pipes) * len(mode_list)) as bars:
-        comparison = runner.compare(names, pipes, mode_list, recipe, steps=steps, seed=seed,
-                                    on_cell=bars.on_cell, capture=capture,
-                                    world_size=world_size)
+    rec = plugins.registry().recipe(recipe)
+    params = {"backends": names, "pipelines": pipes, "modes": mode_list,
+              "port": budget if port_search else None}
+    total = len(names) * len(pipes) * len(mode_list)
     ports: dict[tuple[str, str, str], Any] = {}
-    if port_search:
-        from hwport import porting
+    with _stored("compare", rec, seed, steps, world_size, params, total, store_path,
+                 no_store, resume, tensorboard) as session:
+        with _Bars(total) as bars:
+            comparison = runner.compare(names, pipes, mode_list, rec, steps=steps, seed=seed,
+                                        on_cell=bars.on_cell, capture=capture,
+                                        world_size=world_size, session=session)
+        if port_search:
+            from hwport import porting
 
-        for r in porting.efforts(comparison, budget, on_trial=_show_trial):
-            ports[(r.backend, r.pipeline, r.mode)] = r
+            for r in porting.efforts(comparison, budget, on_trial=_show_trial,
+                                     session=session):
+                ports[(r.backend, r.pipeline, r.mode)] = r
     if json_path is not None:
         data = comparison.to_dict()
         if port_search:
@@ -444,19 +462,30 @@ def compare(
         _write_json(json_path, data)
     if json_path is not None and str(json_path) == "-":
         return
-    table = Table(title=f"hwport compare: recipe {comparison.recipe}, seed {seed}",
-                  show_lines=True)
+    _print_comparison(f"hwport compare: recipe {comparison.recipe}, seed {seed}", names, pipes,
+                      mode_list, comparison.cells, {k: _effort_text(v) for k, v in ports.items()})
+
+
+def _print_comparison(title: str, names: list[str], pipes: list[str], modes: list[str],
+                      cells: list[Any], efforts: dict[tuple[str, str, str], str]) -> None:
+    """The side-by-side table of a comparison, and its lowering notes."""
+    table = Table(title=title, show_lines=True)
     table.add_column("pipeline / mode")
     for b in names:
         table.add_column(b)
+    by_key = {(c.backend, c.pipeline, c.mode): c for c in cells}
     for p in pipes:
-        for m in mode_list:
-            row = [c for c in comparison.cells if c.pipeline == p and c.mode == m]
-            table.add_row(f"{p}\n{m}", *(_cell_text(c) + (
-                f"\n[bold]{escape(_effort_text(ports[c.backend, p, m]))}[/]" if ports else "")
-                for c in row))
+        for m in modes:
+            row = []
+            for b in names:
+                c = by_key.get((b, p, m))
+                text = "[dim]not run[/]" if c is None else _cell_text(c)
+                if (b, p, m) in efforts:
+                    text += f"\n[bold]{escape(efforts[b, p, m])}[/]"
+                row.append(text)
+            table.add_row(f"{p}\n{m}", *row)
     out.print(table)
-    notes = {(c.backend, n) for c in comparison.cells for n in c.lowering}
+    notes = {(c.backend, n) for c in cells for n in c.lowering}
     for b, n in sorted(notes):
         out.print(f"[dim]{b}: {escape(n)}[/]", highlight=False)
 
@@ -474,17 +503,88 @@ def port(
     option: OptionOption = None,
     json_path: JsonPathOption = None,
     world_size: WorldSizeOption = 1,
+    store_path: StoreOption = None,
+    no_store: NoStoreOption = False,
+    resume: ResumeOption = False,
+    tensorboard: TensorBoardOption = None,
 ) -> None:
     """Find the smallest set of mitigations that brings a recipe to parity on a backend."""
     from hwport import porting
 
-    result = porting.port(backend, pipeline, recipe, mode, budget=budget, steps=steps,
-                          seed=seed, options=_options(corpus, option), on_trial=_show_trial,
-                          world_size=world_size)
+    rec = plugins.registry().recipe(recipe)
+    opts = _options(corpus, option)
+    params = {"backends": [backend], "pipelines": [pipeline], "modes": [mode],
+              "options": opts, "port": budget}
+    with _stored("port", rec, seed, steps, world_size, params, 1, store_path, no_store,
+                 resume, tensorboard) as session:
+        result = porting.port(backend, pipeline, rec, mode, budget=budget, steps=steps,
+                              seed=seed, options=opts, on_trial=_show_trial,
+                              world_size=world_size, session=session)
     if json_path is not None:
         _write_json(json_path, result.to_dict())
     if json_path is None or str(json_path) != "-":
         _print_port(result)
+
+
+@contextlib.contextmanager
+def _stored(kind: str, rec: Any, seed: int, steps: int | None, world_size: int,
+            params: dict[str, Any], total: int, path: Path | None, no_store: bool,
+            resume: bool, tensorboard: Path | None) -> Iterator[Any]:
+    """The results-store session of a command (None with --no-store). The store is opened
+    before any work, so a bad path fails at once; an interrupt (Ctrl-C, SIGTERM) keeps
+    every cell already stored and says how to resume."""
+    if tensorboard is not None:
+        from hwport import observers
+
+        os.environ[observers.ENV] = str(tensorboard)
+    if no_store:
+        if resume:
+            raise _fail("--resume takes its cells from the results store: drop --no-store")
+        yield None
+        return
+    from hwport.store import Store, terminate_as_interrupt
+
+    st = Store(path)
+    try:
+        session = st.begin(kind, rec, seed=seed, steps=steps, world_size=world_size,
+                           params=params, cells_total=total, resume=resume)
+        done = [0]
+
+        def announce(r: Any, position: int | None, reused: bool) -> None:
+            if position is None:
+                return  # a porting trial: _show_trial says it
+            done[0] += 1
+            err.print(f"[{done[0]}/{total}] {r.pipeline} {r.mode} on {r.backend}: {r.outcome}"
+                      f" ({'taken from the store' if reused else f'{r.wall_s:.1f} s, stored'})",
+                      highlight=False)
+
+        session.on_stored = announce
+        try:
+            with terminate_as_interrupt(), session:
+                yield session
+        except KeyboardInterrupt as e:
+            err.print(f"[yellow]interrupted ({escape(str(e) or 'Ctrl-C')}):[/] "
+                      f"{session.stored + session.reused} of {total} cell(s) kept in run "
+                      f"{session.run_id} of {escape(str(st.path))}; the same command with "
+                      "--resume runs the rest", highlight=False)
+            raise typer.Exit(130) from None
+        if session.failed:
+            err.print(f"[yellow]warning:[/] {escape(session.failed)}; the results above are "
+                      "complete, the store is not", highlight=False)
+        else:
+            reused = f", {session.reused} cell(s) taken from it" if session.reused else ""
+            err.print(f"stored as run {session.run_id} in {escape(str(st.path))}{reused}",
+                      highlight=False)
+    finally:
+        st.close()
+        _report_observer_failures()
+
+
+def _report_observer_failures() -> None:
+    for f in plugins.registry().failures:
+        if "observers were switched off" in f.reason:
+            err.print(f"[yellow]plugin {escape(repr(f.plugin))} ({escape(f.origin)}) failed "
+                      f"and was skipped:[/] {escape(f.reason)}", highlight=False)
 
 
 def _show_trial(t: Any) -> None:
@@ -825,6 +925,154 @@ def collectives(
                   f"{si(check['thakur_busbw'], 'B/s')}; nccl-tests on 8x H100 NVLink about "
                   f"{si(NCCL_TESTS_H100, 'B/s')}: error {check['error']:+.1%}",
                   highlight=False)
+
+
+# -- stored runs --------------------------------------------------------------------------
+runs_app = typer.Typer(help="Stored runs (the results store): list them, show one.",
+                       no_args_is_help=True)
+app.add_typer(runs_app, name="runs")
+
+
+def _open_store(path: Path | None) -> Any:
+    from hwport.store import Store, StoreError, default_path
+
+    where = path if path is not None else default_path()
+    if not where.exists():
+        raise StoreError(f"store {where}: no such file (hwport compare, run and port create "
+                         "it; --store PATH or $HWPORT_STORE name another)")
+    return Store(where)
+
+
+def _when(iso: str | None) -> str:
+    return iso.replace("T", " ").removesuffix("+00:00") if iso else "-"
+
+
+@runs_app.command("list")
+def runs_list(
+    store_path: StoreOption = None,
+    limit: Annotated[int, typer.Option(help="Newest runs to list (0: all).")] = 20,
+    as_json: JsonFlag = False,
+) -> None:
+    """List stored runs, newest first: id, kind, status, recipe, cells done."""
+    with _open_store(store_path) as st:
+        records = st.runs(limit or None)
+        path = st.path
+    if as_json:
+        _json([dataclasses.asdict(r) for r in records])
+        return
+    table = Table(title=f"hwport runs in {escape(str(path))}", title_justify="left")
+    for col in ("id", "kind", "status", "created (UTC)", "recipe", "seed", "steps", "cells",
+                "backends", "pipelines / modes", "hwport"):
+        table.add_column(col, justify="right" if col in ("id", "seed", "steps") else "left")
+    for r in records:
+        status = r.status if r.status == "finished" else f"[yellow]{r.status}[/]"
+        table.add_row(str(r.id), r.kind, status, _when(r.created), escape(r.recipe),
+                      str(r.seed), str(r.steps or "default"), f"{r.cells_done}/{r.cells_total}",
+                      escape(",".join(r.params.get("backends", []))),
+                      escape(",".join(r.params.get("pipelines", [])) + " / "
+                             + ",".join(r.params.get("modes", []))), r.hwport_version)
+    out.print(table)
+
+
+def _stored_run(store_path: Path | None, run_id: int | None) -> Any:
+    with _open_store(store_path) as st:
+        return st.load(st.latest() if run_id is None else run_id)
+
+
+@runs_app.command("show")
+def runs_show(
+    run_id: Annotated[int, typer.Argument(help="The run's id (hwport runs list).")],
+    store_path: StoreOption = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """Show one stored run: its outcome table, efforts and porting results."""
+    from hwport.porting import PortResult
+
+    run = _stored_run(store_path, run_id)
+    r = run.record
+    if as_json:
+        _json({"run": dataclasses.asdict(r), "recipe": run.recipe,
+               "cells": [c.to_dict() for c in run.cells], "port": list(run.ports.values()),
+               "specs": run.specs})
+        return
+    partial = "" if r.status == "finished" else f" [yellow]({r.status}: partial)[/]"
+    out.print(f"[bold]run {r.id}[/]: {r.kind}, {r.status}{partial}; created {_when(r.created)}"
+              f", finished {_when(r.finished)}; hwport {r.hwport_version}; "
+              f"{r.cells_done}/{r.cells_total} cells" + (f"; {escape(r.error)}" if r.error
+                                                         else ""), highlight=False)
+    params = r.params
+    efforts = {k: _effort_text(PortResult.from_dict(v)) for k, v in run.ports.items()}
+    _print_comparison(f"{r.kind}: recipe {r.recipe}, seed {r.seed}",
+                      params.get("backends", []), params.get("pipelines", []),
+                      params.get("modes", []), run.cells, efforts)
+    if r.kind == "port":
+        for v in run.ports.values():
+            _print_port(PortResult.from_dict(v))
+
+
+@app.command(name="diff")
+def diff_cmd(
+    a: Annotated[int, typer.Argument(help="The first run's id.")],
+    b: Annotated[int, typer.Argument(help="The second run's id.")],
+    store_path: StoreOption = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """What changed between two stored runs: outcomes, metrics, efforts, and the spec
+    figures, recipe fields and versions that differ."""
+    from hwport.diff import diff
+
+    with _open_store(store_path) as st:
+        d = diff(st.load(a), st.load(b))
+    if as_json:
+        _json(d.to_dict())
+        return
+
+    def num(v: float | None) -> str:
+        return "-" if v is None else f"{v:.5g}"
+
+    def eff(v: Any) -> str:
+        return "not searched" if v == "-" else "no fix" if v is None else str(v)
+
+    changed = d.changed
+    table = Table(title=f"hwport diff {a} {b}: {len(changed)} of {len(d.cells)} cell(s) "
+                        "changed", title_justify="left")
+    for col in ("pipeline / mode", "backend", f"outcome {a} -> {b}", "metric", f"in {a}",
+                f"in {b}", "change", f"effort {a} -> {b}"):
+        table.add_column(col)
+    for c in changed:
+        o = c.outcome
+        moved = f"{o[0] or 'not run'} -> {o[1] or 'not run'}"
+        table.add_row(f"{c.pipeline} {c.mode}", c.backend,
+                      moved if o[0] == o[1] else f"[bold]{moved}[/]", c.metric,
+                      num(c.value[0]), num(c.value[1]),
+                      "-" if c.relative is None else f"{c.relative:+.2%}",
+                      f"{eff(c.effort[0])} -> {eff(c.effort[1])}")
+    out.print(table)
+    if d.versions[0] != d.versions[1]:
+        out.print(f"hwport {d.versions[0]} -> {d.versions[1]}", highlight=False)
+    for what, rows in [("setting", d.settings), ("recipe", d.recipe)] + [
+            (f"spec {name}", rows) for name, rows in d.specs.items()]:
+        for field_, va, vb in rows:
+            out.print(f"{escape(what)} {escape(field_)}: {escape(repr(va))} -> "
+                      f"{escape(repr(vb))}", highlight=False)
+
+
+@app.command()
+def report(
+    run_id: Annotated[int | None, typer.Argument(help="The run's id (default: the newest).",
+                                                 show_default=False)] = None,
+    out_dir: Annotated[Path, typer.Option("--out", help="Directory to write report.html, "
+                                          "report.md and images/ to.")] = Path("hwport-report"),
+    store_path: StoreOption = None,
+) -> None:
+    """Write a stored run's report: a self-contained HTML page and a Markdown file, with
+    the outcome matrix, training curves, memory, step time, notes, telemetry and specs."""
+    from hwport import report as rp
+
+    run = _stored_run(store_path, run_id)
+    html, md = rp.write(run, out_dir)
+    err.print(f"wrote {escape(str(html))} and {escape(str(md))} (run {run.record.id})",
+              highlight=False)
 
 
 @app.command()

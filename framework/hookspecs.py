@@ -6,8 +6,10 @@ point in the ``hwport`` group of their package metadata::
     [project.entry-points.hwport]
     mychip = "mychip_hwport.plugin"
 
-Hooks return data; hwport calls each plugin's implementation on its own, so a plugin that
-raises or returns bad data is reported by name and skipped while the others keep working.
+Registration hooks return data; observation hooks are told of each cell as it starts and
+finishes (exporters to experiment trackers are observers). hwport calls each plugin's
+implementation on its own, so a plugin that raises or returns bad data is reported by name
+and skipped while the others keep working.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ if TYPE_CHECKING:
     from hwport.formats import FloatFormat
     from hwport.pipeline import PipelineFactory
     from hwport.recipes import Mitigation, Recipe
+    from hwport.runner import RunInfo, RunResult
     from hwport.spec import BackendSpec
 
 PROJECT = "hwport"
@@ -57,3 +60,17 @@ def hwport_pipelines() -> Sequence[PipelineFactory]:
 def hwport_mitigations() -> Sequence[Mitigation]:
     """Mitigations (named recipe changes a port may need) for ``hwport port`` to try."""
     raise NotImplementedError
+
+
+# -- observation: told of every cell that runs --------------------------------------------
+@hookspec
+def hwport_run_started(run: RunInfo) -> None:
+    """A cell is about to run (cells taken from a results store on resume do not run)."""
+
+
+@hookspec
+def hwport_run_finished(run: RunInfo, result: RunResult) -> None:
+    """A cell finished with ``result`` (and, when stored, was committed to the store).
+
+    An observer that raises is reported as a failed plugin and not called again in this
+    process; the run goes on."""

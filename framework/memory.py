@@ -76,6 +76,17 @@ def finite(x: Any) -> Any:
     return x
 
 
+def infinite(x: Any) -> Any:
+    """The inverse of :func:`finite`: the strings "inf", "-inf", "nan" back as floats."""
+    if isinstance(x, str) and x in ("inf", "-inf", "nan"):
+        return float(x)
+    if isinstance(x, dict):
+        return {k: infinite(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [infinite(v) for v in x]
+    return x
+
+
 def resident_tiers(spec: BackendSpec) -> list[MemoryTier]:
     """The tiers where a plan may keep data, fastest first."""
     return [t for t in spec.memory.tiers if t.managed == "explicit"]

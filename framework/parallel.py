@@ -142,7 +142,8 @@ def run(spec: BackendSpec, pipeline: str | Pipeline | PipelineFactory, mode: str
                           got["finite"])
     result = runner.RunResult(spec.name, p.name, mode, recipe.name, seed, p.steps, outcome,
                               got["metrics"], ref["metrics"], got["curve"], got["telemetry"],
-                              got["notes"], wall, metric=p.metric)
+                              got["notes"], wall, metric=p.metric,
+                              reference_curve=ref["curve"])
     result.memory, result.time = got["memory"], got["time"]
     result.collectives = got["collectives"]
     return result

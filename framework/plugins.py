@@ -13,7 +13,7 @@ import importlib.metadata as md
 import traceback
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pluggy
 
@@ -24,6 +24,9 @@ from hwport.formats import FloatFormat
 from hwport.pipeline import PipelineFactory
 from hwport.recipes import Mitigation, Recipe
 from hwport.spec import BackendSpec
+
+if TYPE_CHECKING:
+    from hwport.runner import RunInfo, RunResult
 
 
 @dataclass(frozen=True)
@@ -72,6 +75,10 @@ class Registry:
     failures: list[PluginFailure] = field(default_factory=list)
     origins: dict[str, str] = field(default_factory=dict)
     collected: set[str] = field(default_factory=set)
+    observers: Observers = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.observers = Observers(self)
 
     @classmethod
     def load(cls, entry_points: Iterable[md.EntryPoint] | None = None) -> Registry:
@@ -227,6 +234,37 @@ class Registry:
                               f"{self.backends[spec.name].plugin!r}")
         self.backends[spec.name] = Backend(spec, plugin, "registered at run time")
         self.providers[("backend", spec.name)] = plugin
+
+
+class Observers:
+    """Calls the observation hooks of every plugin, one plugin at a time: one that raises
+    is recorded as a :class:`PluginFailure` and not called again; the run goes on."""
+
+    def __init__(self, registry: Registry) -> None:
+        self.registry = registry
+        self.off: set[str] = set()
+
+    def started(self, run: RunInfo) -> None:
+        self._notify("hwport_run_started", {"run": run})
+
+    def finished(self, run: RunInfo, result: RunResult) -> None:
+        self._notify("hwport_run_finished", {"run": run, "result": result})
+
+    def _notify(self, hook: str, args: dict[str, Any]) -> None:
+        reg = self.registry
+        for impl in getattr(reg.pm.hook, hook).get_hookimpls():
+            name = impl.plugin_name
+            if name in self.off:
+                continue
+            try:
+                impl.function(*(args[a] for a in impl.argnames))
+            except KeyboardInterrupt:
+                raise
+            except BaseException as e:  # the observer's fault: report it, keep running
+                self.off.add(name)
+                reg.failures.append(PluginFailure(
+                    name, reg.origins.get(name, "?"),
+                    f"{hook}() raised {_describe(e)}; its observers were switched off"))
 
 
 def _manager() -> pluggy.PluginManager:

@@ -16,12 +16,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from hwport import plugins, runner
+from hwport import plugins, runner, store
 from hwport.errors import HwportError, UnknownNameError
 from hwport.hookspecs import hookimpl
 from hwport.pipeline import Pipeline, PipelineFactory
 from hwport.recipes import FP32_OP_GROUPS, Mitigation, Recipe, lower
 from hwport.spec import BackendSpec
+from hwport.store import Session
 
 TRAIN = ("train",)  # weight-update and gradient policies: nothing to change in inference
 
@@ -151,6 +152,14 @@ class PortResult:
         d["rejected"] = [t.to_dict() for t in self.rejected]
         return d
 
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> PortResult:
+        """The result :meth:`to_dict` described."""
+        d = dict(data)
+        d["rejected"] = [Trial(**{**t, "mitigations": tuple(t["mitigations"])})
+                         for t in d["rejected"]]
+        return cls(**d)
+
 
 AT_PARITY = {"train": "converged", "infer": "parity"}
 MAX_SET = 3  # the search tries sets of up to this many mitigations
@@ -161,11 +170,15 @@ def port(backend: str | BackendSpec, pipeline: str | Pipeline | PipelineFactory,
          steps: int | None = None, seed: int = 0, options: dict[str, Any] | None = None,
          mitigations: Sequence[str] | None = None,
          on_trial: Callable[[Trial], None] | None = None,
-         before: runner.RunResult | None = None, world_size: int = 1) -> PortResult:
+         before: runner.RunResult | None = None, world_size: int = 1,
+         session: Session | None = None) -> PortResult:
     """Run ``recipe`` on ``backend``; if it is not at parity, find the smallest set of
     mitigations (at most ``budget`` runs in all, the first included) that restores it.
     ``before``: that first run, when it was already made (a comparison's cell).
-    ``mitigations`` limits the search to those names. See the module docstring."""
+    ``mitigations`` limits the search to those names. ``session`` stores the first run as
+    the stored run's cell (unless ``before`` is given), every other trial and the result;
+    with resume, a search already stored is not run again, and nor is any stored trial.
+    See the module docstring."""
     if budget < 1:
         raise HwportError(f"budget {budget}: must be at least 1 (the run before mitigations)")
     spec = backend if isinstance(backend, BackendSpec) else plugins.get_backend(backend)
@@ -178,6 +191,14 @@ def port(backend: str | BackendSpec, pipeline: str | Pipeline | PipelineFactory,
             raise UnknownNameError("mitigation", unknown[0], pool)
         pool = {m: pool[m] for m in mitigations}
 
+    key = store.digest({"cell": store.cell_key(spec, p, mode, rec, seed, world_size),
+                        "budget": budget, "max_set": MAX_SET,
+                        "pool": {n: repr(m) for n, m in sorted(pool.items())}})
+    if session is not None:
+        hit = session.reuse_port(key)
+        if hit is not None:
+            return PortResult.from_dict(hit)
+
     def trial(chosen: tuple[Mitigation, ...]) -> tuple[runner.RunResult, Trial]:
         r = rec
         for m in chosen:
@@ -185,7 +206,8 @@ def port(backend: str | BackendSpec, pipeline: str | Pipeline | PipelineFactory,
         result = runner.run(spec, pipeline if world_size > 1 else p, mode, r, seed=seed,
                             steps=steps if world_size > 1 else None,
                             options=options if world_size > 1 else None,
-                            world_size=world_size)
+                            world_size=world_size, session=session,
+                            position=None if chosen else 0)
         t = Trial(tuple(m.name for m in chosen), result.outcome,
                   result.metrics.get(result.metric), result.wall_s)
         if on_trial:
@@ -203,8 +225,18 @@ def port(backend: str | BackendSpec, pipeline: str | Pipeline | PipelineFactory,
     out = PortResult(spec.name, p.name, mode, rec.name, before.outcome, before.outcome, [], [],
                      1, first.wall_s, 0 if before.outcome == AT_PARITY[mode] else None,
                      evidence, skipped)
-    if out.effort == 0:
-        return out
+    if out.effort != 0:
+        _search(out, rec, spec, mode, usable, evidence, budget, trial)
+    if session is not None:
+        session.add_port(key, out)
+    return out
+
+
+def _search(out: PortResult, rec: Recipe, spec: BackendSpec, mode: str,
+            usable: list[Mitigation], evidence: dict[str, str], budget: int,
+            trial: Callable[[tuple[Mitigation, ...]], tuple[runner.RunResult, Trial]]) -> None:
+    """Try sets of ``usable`` mitigations until one restores parity (recorded in ``out``)
+    or the budget is spent."""
 
     # evidence first (the more signals a mitigation answers, the earlier), then cheap ones
     def rank(m: Mitigation) -> tuple[int, int, str]:
@@ -230,7 +262,7 @@ def port(backend: str | BackendSpec, pipeline: str | Pipeline | PipelineFactory,
                 continue
             tried.add(lower(changed, spec).recipe)
             if out.trials >= budget:
-                return out
+                return
             result, t = trial(combo)
             out.trials += 1
             out.emulated_s += t.wall_s
@@ -242,17 +274,18 @@ def port(backend: str | BackendSpec, pipeline: str | Pipeline | PipelineFactory,
                                                           m.changes.items()),
                      "evidence": "; ".join(evidence[s] for s in m.signals if s in evidence)
                      or "no signal pointed to it: found by search"} for m in combo]
-                return out
+                return
             out.rejected.append(t)
     out.searched_all = True
-    return out
 
 
 def efforts(comparison: runner.Comparison, budget: int = 8,
-            on_trial: Callable[[Trial], None] | None = None) -> list[PortResult]:
-    """The porting search for every cell of a comparison (cells at parity cost no trial)."""
+            on_trial: Callable[[Trial], None] | None = None,
+            session: Session | None = None) -> list[PortResult]:
+    """The porting search for every cell of a comparison (cells at parity cost no trial);
+    ``session`` stores each search as it finishes (see :func:`port`)."""
     recipe = comparison.definition or comparison.recipe
     return [port(c.backend, c.pipeline, recipe, c.mode, budget=budget,
                  steps=c.steps, seed=c.seed, on_trial=on_trial, before=c,
-                 world_size=c.collectives.get("world_size", 1))
+                 world_size=c.collectives.get("world_size", 1), session=session)
             for c in comparison.cells]

@@ -14,19 +14,20 @@ import os
 import tempfile
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from hwport import plugins, profile
+from hwport import plugins, profile, store
 from hwport.engine import Emulator, seeded
 from hwport.errors import HwportError
-from hwport.memory import finite
+from hwport.memory import finite, infinite
 from hwport.pipeline import Pipeline, PipelineFactory, check_options
 from hwport.recipes import Recipe, lower
 from hwport.spec import BackendSpec
+from hwport.store import Session
 
 MODES = ("train", "infer")
 Progress = Callable[[int, int], None]
@@ -98,10 +99,20 @@ class RunResult:
     memory: dict[str, Any] = field(default_factory=dict)  # hwport.memory.MemoryPlan
     time: dict[str, Any] = field(default_factory=dict)  # hwport.profile.StepTime
     collectives: dict[str, Any] = field(default_factory=dict)  # data parallel: hwport.parallel
+    reference_curve: list[dict[str, float]] = field(default_factory=list)  # train: fp32's
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data for JSON (non-finite numbers as strings)."""
         return finite(asdict(self))  # type: ignore[no-any-return]
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RunResult:
+        """The result :meth:`to_dict` described (non-finite numbers back as floats)."""
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise HwportError(f"run result has unknown fields {unknown}")
+        return cls(**infinite(dict(data)))
 
 
 def cache_dir() -> Path:
@@ -240,24 +251,73 @@ def run(backend: str | BackendSpec, pipeline: str | Pipeline | PipelineFactory,
         mode: str = "train", recipe: str | Recipe = "amp-bf16", *, steps: int | None = None,
         seed: int = 0, options: dict[str, Any] | None = None,
         rules: OutcomeRules | None = None, progress: Progress | None = None,
-        capture: bool = True, world_size: int = 1) -> RunResult:
+        capture: bool = True, world_size: int = 1, session: Session | None = None,
+        position: int | None = 0) -> RunResult:
     """Run one cell and classify it against the reference (see the module docstring).
 
     ``capture=False`` runs every training step eagerly under the dispatch mode (same results,
     slower): for a step whose Python does something different from one call to the next
     with the same batch shapes (see :meth:`Emulator.train_step`). ``world_size`` > 1 trains
-    data-parallel on that many processes (:mod:`hwport.parallel`)."""
+    data-parallel on that many processes (:mod:`hwport.parallel`).
+
+    ``session`` (:meth:`hwport.store.Store.begin`) commits the result to a results store as
+    the cell at ``position`` of that run (None: a porting search's trial); with the
+    session's ``resume``, a cell already stored with the same key is returned from the
+    store instead of being run. Observers (the ``hwport_run_started`` and
+    ``hwport_run_finished`` hooks) are told of every cell that runs."""
     if mode not in MODES:
         raise HwportError(f"mode {mode!r}: must be one of {list(MODES)}")
     spec, rec = _spec(backend), _recipe(recipe)
+    rules = rules or OutcomeRules()
+    p = resolve_pipeline(pipeline, steps, options)
+    key = store.cell_key(spec, p, mode, rec, seed, world_size, rules)
+    if session is not None:
+        hit = session.reuse(position, key)
+        if hit is not None:
+            if progress:
+                progress(1, 1)
+            return hit
+    info = RunInfo(spec.name, p.name, mode, rec.name, seed, p.steps, world_size, key,
+                   session.run_id if session is not None else None)
+    observers = plugins.registry().observers
+    observers.started(info)
     if world_size != 1:
         from hwport import parallel
 
-        return parallel.run(spec, pipeline, mode, rec, steps=steps, seed=seed,
-                            options=options, rules=rules or OutcomeRules(),
-                            world_size=world_size, capture=capture)
-    p = resolve_pipeline(pipeline, steps, options)
-    rules = rules or OutcomeRules()
+        result = parallel.run(spec, pipeline, mode, rec, steps=steps, seed=seed,
+                              options=options, rules=rules, world_size=world_size,
+                              capture=capture)
+    else:
+        result = _run(spec, p, mode, rec, seed, rules, progress, capture)
+    if session is not None:
+        session.add(position, key, result, spec)
+    observers.finished(info, result)
+    return result
+
+
+@dataclass(frozen=True)
+class RunInfo:
+    """What observers are told of a cell when it starts (and again when it finishes):
+    ``key`` identifies the measurement (:func:`hwport.store.cell_key`), ``run_id`` the
+    stored run it belongs to (None when nothing is stored)."""
+
+    backend: str
+    pipeline: str
+    mode: str
+    recipe: str
+    seed: int
+    steps: int
+    world_size: int
+    key: str
+    run_id: int | None
+
+    @property
+    def label(self) -> str:
+        return f"{self.pipeline} {self.mode} on {self.backend} ({self.recipe}, seed {self.seed})"
+
+
+def _run(spec: BackendSpec, p: Pipeline, mode: str, rec: Recipe, seed: int,
+         rules: OutcomeRules, progress: Progress | None, capture: bool) -> RunResult:
     ref = _reference(p, seed, progress if spec.name == "reference" else None)
     t0 = time.perf_counter()  # wall_s is the cell's own time, not the reference's training
     if mode == "train":
@@ -269,7 +329,8 @@ def run(backend: str | BackendSpec, pipeline: str | Pipeline | PipelineFactory,
                               ref.metrics["val_loss"], got.finite)
         result = RunResult(spec.name, p.name, mode, rec.name, seed, p.steps, outcome,
                            got.metrics, ref.metrics, got.curve, got.telemetry, notes,
-                           time.perf_counter() - t0, metric=p.metric)
+                           time.perf_counter() - t0, metric=p.metric,
+                           reference_curve=ref.curve)
         model = got.model
     else:
         result = _infer(p, spec, rec, seed, ref, rules, t0, progress)
@@ -319,9 +380,10 @@ class Comparison:
     seed: int
     cells: list[RunResult]
     definition: Recipe | None = None  # the recipe itself, registered or not
+    run_id: int | None = None  # the stored run (hwport.store), if it was stored
 
     def to_dict(self) -> dict[str, Any]:
-        return {"recipe": self.recipe, "seed": self.seed,
+        return {"recipe": self.recipe, "seed": self.seed, "run_id": self.run_id,
                 "cells": [c.to_dict() for c in self.cells]}
 
 
@@ -329,9 +391,11 @@ def compare(backends: Sequence[str] | None = None, pipelines: Sequence[str] | No
             modes: Sequence[str] = MODES, recipe: str | Recipe = "amp-bf16", *,
             steps: int | None = None, seed: int = 0, rules: OutcomeRules | None = None,
             on_cell: Callable[[str, Progress | None], Progress | None] | None = None,
-            capture: bool = True, world_size: int = 1) -> Comparison:
+            capture: bool = True, world_size: int = 1,
+            session: Session | None = None) -> Comparison:
     """Every (pipeline, mode, backend) cell; default: all registered backends, the
-    built-in pipelines, both modes."""
+    built-in pipelines, both modes. ``session`` stores each cell as it finishes (and, with
+    resume, takes the cells already stored from the store: see :func:`run`)."""
     reg = plugins.registry()
     names = list(backends) if backends else sorted(reg.backends)
     for n in names:
@@ -343,6 +407,7 @@ def compare(backends: Sequence[str] | None = None, pipelines: Sequence[str] | No
     rec = _recipe(recipe)
     built = {name: resolve_pipeline(name, steps) for name in pipes}
     cells = []
+    position = 0
     for pname, p in built.items():
         for mode in modes:
             for b in names:
@@ -350,8 +415,12 @@ def compare(backends: Sequence[str] | None = None, pipelines: Sequence[str] | No
                 progress = on_cell(label, None) if on_cell else None
                 if world_size != 1 and mode == "train":  # ranks rebuild it by name
                     cells.append(run(b, pname, mode, rec, steps=steps, seed=seed, rules=rules,
-                                     capture=capture, world_size=world_size))
-                    continue
-                cells.append(run(b, p, mode, rec, seed=seed, rules=rules, progress=progress,
-                                 capture=capture))
-    return Comparison(rec.name, seed, cells, rec)
+                                     capture=capture, world_size=world_size, session=session,
+                                     position=position))
+                else:
+                    cells.append(run(b, p, mode, rec, seed=seed, rules=rules,
+                                     progress=progress, capture=capture, session=session,
+                                     position=position))
+                position += 1
+    return Comparison(rec.name, seed, cells, rec,
+                      session.run_id if session is not None else None)

@@ -466,6 +466,31 @@ _UNITS = {
     "flops": {"FLOP/s": 1, "GFLOP/s": 1e9, "TFLOP/s": 1e12, "PFLOP/s": 1e15,
               "GFLOPS": 1e9, "TFLOPS": 1e12, "PFLOPS": 1e15},
 }
+def si(value: float, unit: str) -> str:
+    """``value`` with an SI prefix, the inverse of :func:`parse_quantity` for people:
+    si(3.35e12, "B/s") == "3.35 TB/s"; inf is "unbounded", NaN "n/a"."""
+    if math.isnan(value):
+        return "n/a"
+    if math.isinf(value):
+        return "unbounded"
+    for factor, prefix in ((1e15, "P"), (1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(value) >= factor:
+            return f"{value / factor:.4g} {prefix}{unit}"
+    return f"{value:.4g} {unit}"
+
+
+def seconds(value: float) -> str:
+    """A duration in s, ms, us, ns or ps ("0" for zero; inf is "unbounded", NaN "n/a")."""
+    if math.isnan(value):
+        return "n/a"
+    if math.isinf(value):
+        return "unbounded"
+    for factor, unit in ((1, "s"), (1e-3, "ms"), (1e-6, "us"), (1e-9, "ns"), (1e-12, "ps")):
+        if value >= factor:
+            return f"{value / factor:.3g} {unit}"
+    return "0" if value == 0 else f"{value:.3g} s"
+
+
 _QUANTITY = re.compile(r"^\s*([-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?|inf)\s*([A-Za-zµ/]*)\s*$")
 
 

@@ -13,6 +13,22 @@ import pytest
 FakePlugin = Callable[..., Path]
 
 
+@pytest.fixture(scope="session", autouse=True)
+def private_store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """Every test (and every hwport it starts) stores its runs in a private results store,
+    never the user's."""
+    import os
+
+    path = tmp_path_factory.mktemp("hwport-store") / "results.sqlite"
+    before = os.environ.get("HWPORT_STORE")
+    os.environ["HWPORT_STORE"] = str(path)
+    yield path
+    if before is None:
+        del os.environ["HWPORT_STORE"]
+    else:
+        os.environ["HWPORT_STORE"] = before
+
+
 @pytest.fixture(scope="module")
 def reference_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """A private reference-model cache for the requesting module, on disk and in memory."""
