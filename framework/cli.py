@@ -533,21 +533,38 @@ def _stored(kind: str, rec: Any, seed: int, steps: int | None, world_size: int,
     """The results-store session of a command (None with --no-store). The store is opened
     before any work, so a bad path fails at once; an interrupt (Ctrl-C, SIGTERM) keeps
     every cell already stored and says how to resume."""
-    if tensorboard is not None:
-        from hwport import observers
+    if no_store and resume:
+        raise _fail("--resume takes its cells from the results store: drop --no-store")
+    from hwport import observers
 
+    before = os.environ.get(observers.ENV)
+    if tensorboard is not None:
         os.environ[observers.ENV] = str(tensorboard)
-    if no_store:
-        if resume:
-            raise _fail("--resume takes its cells from the results store: drop --no-store")
-        yield None
-        return
+    try:
+        if no_store:
+            yield None
+        else:
+            yield from _session(kind, rec, seed, steps, world_size, params, total, path,
+                                resume)
+    finally:
+        if before is None:
+            os.environ.pop(observers.ENV, None)
+        else:
+            os.environ[observers.ENV] = before
+        _report_observer_failures()
+
+
+def _session(kind: str, rec: Any, seed: int, steps: int | None, world_size: int,
+             params: dict[str, Any], total: int, path: Path | None,
+             resume: bool) -> Iterator[Any]:
     from hwport.store import Store, terminate_as_interrupt
 
+    reg = plugins.registry()
+    specs = [reg.get(b).spec for b in params["backends"]]  # unknown names fail here
     st = Store(path)
     try:
         session = st.begin(kind, rec, seed=seed, steps=steps, world_size=world_size,
-                           params=params, cells_total=total, resume=resume)
+                           params=params, cells_total=total, resume=resume, specs=specs)
         done = [0]
 
         def announce(r: Any, position: int | None, reused: bool) -> None:
@@ -577,7 +594,6 @@ def _stored(kind: str, rec: Any, seed: int, steps: int | None, world_size: int,
                       highlight=False)
     finally:
         st.close()
-        _report_observer_failures()
 
 
 def _report_observer_failures() -> None:
@@ -940,7 +956,12 @@ def _open_store(path: Path | None) -> Any:
     if not where.exists():
         raise StoreError(f"store {where}: no such file (hwport compare, run and port create "
                          "it; --store PATH or $HWPORT_STORE name another)")
-    return Store(where)
+    try:  # reading never writes, unless the store needs migrating to this hwport's schema
+        return Store(where, readonly=True)
+    except StoreError as e:
+        if "needs migrating" not in str(e):
+            raise
+        return Store(where)
 
 
 def _when(iso: str | None) -> str:

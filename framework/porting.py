@@ -191,13 +191,13 @@ def port(backend: str | BackendSpec, pipeline: str | Pipeline | PipelineFactory,
             raise UnknownNameError("mitigation", unknown[0], pool)
         pool = {m: pool[m] for m in mitigations}
 
-    key = store.digest({"cell": store.cell_key(spec, p, mode, rec, seed, world_size),
-                        "budget": budget, "max_set": MAX_SET,
+    cell = store.cell_key(spec, p, mode, rec, seed, world_size)
+    key = store.digest({"cell": cell, "budget": budget, "max_set": MAX_SET,
                         "pool": {n: repr(m) for n, m in sorted(pool.items())}})
     if session is not None:
         hit = session.reuse_port(key)
-        if hit is not None:
-            return PortResult.from_dict(hit)
+        if hit is not None and (before is not None or session.reuse(0, cell) is not None):
+            return PortResult.from_dict(hit)  # with the run it started from as the cell
 
     def trial(chosen: tuple[Mitigation, ...]) -> tuple[runner.RunResult, Trial]:
         r = rec

@@ -112,7 +112,9 @@ class RunResult:
         unknown = sorted(set(data) - names)
         if unknown:
             raise HwportError(f"run result has unknown fields {unknown}")
-        return cls(**infinite(dict(data)))
+        numeric = ("metrics", "reference_metrics", "curve", "reference_curve", "agreement",
+                   "telemetry", "memory", "time", "collectives")
+        return cls(**{k: infinite(v) if k in numeric else v for k, v in data.items()})
 
 
 def cache_dir() -> Path:

@@ -29,6 +29,7 @@ import os
 import signal
 import socket
 import sqlite3
+import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -96,6 +97,7 @@ CREATE TABLE cells (
     key TEXT NOT NULL,               -- cell_key(): what makes two cells the same
     reused_from INTEGER,             -- the cell it was taken from on resume
     created TEXT NOT NULL,
+    hwport_version TEXT NOT NULL,    -- the hwport that measured it
     backend TEXT NOT NULL,
     spec_hash TEXT NOT NULL REFERENCES specs(hash),
     pipeline TEXT NOT NULL,
@@ -175,7 +177,8 @@ class StoredRun:
     cells: list[RunResult]  # in the run's order
     ports: dict[tuple[str, str, str], dict[str, Any]]  # (backend, pipeline, mode): PortResult
     specs: dict[str, dict[str, Any]]  # backend name: the spec it ran on (to_dict())
-    reused: dict[tuple[str, str, str], int] = field(default_factory=dict)  # cell: its source
+    # cells taken from another run on resume: (backend, pipeline, mode) -> that run's id
+    reused: dict[tuple[str, str, str], int] = field(default_factory=dict)
 
     def cell(self, backend: str, pipeline: str, mode: str) -> RunResult | None:
         """The cell of ``pipeline`` in ``mode`` on ``backend``, if the run has it."""
@@ -196,13 +199,15 @@ def digest(data: Any) -> str:
 
 def cell_key(spec: BackendSpec, pipeline: Pipeline, mode: str, recipe: Recipe, seed: int,
              world_size: int = 1, rules: OutcomeRules | None = None) -> str:
-    """What makes two cells the same measurement: the spec's content (not only its name),
-    the pipeline's name and configuration, the mode, the recipe's definition, the seed, the
-    world size, the outcome rules and the framework. Capture and eager give the same bits,
-    so capture is not part of it."""
+    """What makes two cells the same measurement: the hwport version (another version may
+    emulate differently), the spec's content (not only its name), the pipeline's name and
+    configuration, the mode, the recipe's definition, the seed, the world size, the outcome
+    rules and the framework. Capture and eager give the same bits, so capture is not part
+    of it."""
+    from hwport import __version__
     from hwport.runner import OutcomeRules
 
-    return digest({"spec": spec.to_dict(), "pipeline": pipeline.name,
+    return digest({"hwport": __version__, "spec": spec.to_dict(), "pipeline": pipeline.name,
                    "pipeline_key": pipeline.key(), "mode": mode, "recipe": recipe.to_dict(),
                    "seed": seed, "world_size": world_size, "framework": FRAMEWORK,
                    "rules": dataclasses.asdict(rules or OutcomeRules())})
@@ -247,8 +252,8 @@ def terminate_as_interrupt() -> Iterator[None]:
         return
     try:
         yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+    finally:  # a handler installed from C reads back as None: restore the default then
+        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
 
 
 # -- the store ----------------------------------------------------------------------------
@@ -273,11 +278,23 @@ class Store:
         if self.readonly:
             if not self.path.is_file():
                 raise StoreError(f"{where}: no such file")
-            uri = f"file:{self.path.resolve()}?mode=ro"
+            db = sqlite3.connect(self.path.resolve().as_uri() + "?mode=ro", uri=True,
+                                 timeout=30)  # opens lazily: the first query may fail
             try:
-                return sqlite3.connect(uri, uri=True, timeout=30)
-            except sqlite3.Error as e:
-                raise StoreError(f"{where}: cannot open read-only ({e})") from None
+                db.execute("PRAGMA user_version").fetchone()
+                return db
+            except sqlite3.OperationalError:
+                db.close()
+                # a directory we cannot write holds no -shm file: a store with no WAL
+                # left to replay (closed cleanly) is read as the immutable file it is
+                if Path(f"{self.path}-wal").exists():
+                    raise StoreError(f"{where}: cannot open read-only (its journal "
+                                     f"{self.path}-wal needs a writable directory)") from None
+                return sqlite3.connect(self.path.resolve().as_uri() + "?mode=ro&immutable=1",
+                                       uri=True)
+            except sqlite3.DatabaseError as e:
+                db.close()
+                raise StoreError(f"{where}: not a hwport results store ({e})") from None
         if self.path.is_dir():
             raise StoreError(f"{where}: is a directory; give the path of a file")
         for parent in self.path.parents:
@@ -289,44 +306,54 @@ class Store:
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
-            try:
-                db.execute("PRAGMA journal_mode=WAL")
-                db.execute("PRAGMA synchronous=NORMAL")
-                db.execute("PRAGMA foreign_keys=ON")
-            except BaseException:
-                db.close()
-                raise
-            return db
         except OSError as e:
             raise StoreError(f"{where}: cannot create it ({e.strerror or e})") from None
+        except sqlite3.Error as e:
+            raise StoreError(f"{where}: cannot open it for writing ({e})") from None
+        try:
+            for attempt in range(100):  # WAL mode is set under an exclusive lock: wait a turn
+                try:
+                    db.execute("PRAGMA journal_mode=WAL")
+                    break
+                except sqlite3.OperationalError as e:
+                    if "locked" not in str(e) or attempt == 99:
+                        raise
+                    time.sleep(0.05)
+            db.execute("PRAGMA synchronous=FULL")  # each cell durable, even on power loss
+            db.execute("PRAGMA foreign_keys=ON")
+            return db
         except sqlite3.DatabaseError as e:
+            db.close()
             if "not a database" in str(e):
                 raise StoreError(f"{where}: not a hwport results store ({e})") from None
             raise StoreError(f"{where}: cannot open it for writing ({e})") from None
-        except sqlite3.Error as e:
-            raise StoreError(f"{where}: cannot open it for writing ({e})") from None
+        except BaseException:
+            db.close()
+            raise
 
-    def _check_schema(self) -> None:
-        where = f"store {self.path}"
+    def _version(self) -> tuple[int, set[str]]:
         try:
             version = self.db.execute("PRAGMA user_version").fetchone()[0]
             tables = {r[0] for r in self.db.execute(
                 "SELECT name FROM sqlite_master WHERE type = 'table'")}
         except sqlite3.DatabaseError as e:
-            raise StoreError(f"{where}: not a hwport results store ({e})") from None
-        if version > SCHEMA_VERSION:
-            raise StoreError(f"{where}: written by a newer hwport (schema version {version}; "
-                             f"this hwport reads up to {SCHEMA_VERSION}): upgrade hwport, or "
-                             "use another store with --store")
-        if version == 0 and tables:
-            raise StoreError(f"{where}: not a hwport results store (it has tables "
-                             f"{sorted(tables)} and no hwport schema version)")
+            raise StoreError(f"store {self.path}: not a hwport results store ({e})") from None
+        return int(version), tables
+
+    def _check_schema(self) -> None:
+        where = f"store {self.path}"
+        version, tables = self._version()
+        self._check_version(version, tables)
         if version == SCHEMA_VERSION:
             return
         if self.readonly:
+            if version == 0:
+                raise StoreError(f"{where}: not a hwport results store (an empty file)")
             raise StoreError(f"{where}: schema version {version} needs migrating to "
-                             f"{SCHEMA_VERSION}; open it for writing once (hwport runs list)")
-        with self._transaction():
+                             f"{SCHEMA_VERSION}, which a read-only open cannot do")
+        with self._writing("create or migrate its schema"), self._transaction():
+            version, tables = self._version()  # again, under the lock: another process
+            self._check_version(version, tables)  # may have created or migrated it
             if version == 0:
                 for statement in _statements(SCHEMA):
                     self.db.execute(statement)
@@ -339,15 +366,26 @@ class Store:
                 version += 1
             self.db.execute(f"PRAGMA user_version = {int(version)}")
 
+    def _check_version(self, version: int, tables: set[str]) -> None:
+        where = f"store {self.path}"
+        if version > SCHEMA_VERSION:
+            raise StoreError(f"{where}: written by a newer hwport (schema version {version}; "
+                             f"this hwport reads up to {SCHEMA_VERSION}): upgrade hwport, or "
+                             "use another store with --store")
+        if version == 0 and tables:
+            raise StoreError(f"{where}: not a hwport results store (it has tables "
+                             f"{sorted(tables)} and no hwport schema version)")
+
     @contextlib.contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
         if self.readonly:
             raise StoreError(f"store {self.path}: opened read-only")
-        self.db.execute("BEGIN IMMEDIATE")
         try:
+            self.db.execute("BEGIN IMMEDIATE")
             yield self.db
         except BaseException:
-            self.db.execute("ROLLBACK")
+            if self.db.in_transaction:
+                self.db.execute("ROLLBACK")
             raise
         self.db.execute("COMMIT")
 
@@ -363,13 +401,14 @@ class Store:
     # -- writing -----------------------------------------------------------------------
     def begin(self, kind: str, recipe: Recipe, *, seed: int, steps: int | None,
               world_size: int = 1, params: dict[str, Any] | None = None, cells_total: int = 1,
-              resume: bool = False) -> Session:
+              resume: bool = False, specs: Sequence[BackendSpec] = ()) -> Session:
         """Start (or, with ``resume``, continue) a stored run; use it as a context manager,
         which records how the run ended: finished, interrupted (Ctrl-C, SIGTERM) or failed.
 
         ``resume`` continues the newest unfinished run with the same definition (kind,
-        recipe, seed, steps, world size and ``params``) if there is one, and in any case
-        lets cells already stored anywhere be reused instead of run again."""
+        recipe, seed, steps, world size, ``params``, the content of ``specs`` and the hwport
+        version) whose process is gone, if there is one, and in any case lets cells already
+        stored anywhere be reused instead of run again."""
         from hwport import __version__
 
         if kind not in KINDS:
@@ -377,24 +416,29 @@ class Store:
         params = dict(params or {})
         definition = digest({"kind": kind, "recipe": recipe.to_dict(), "seed": seed,
                              "steps": steps, "world_size": world_size, "params": params,
-                             "framework": FRAMEWORK})
+                             "framework": FRAMEWORK, "hwport": __version__,
+                             "specs": sorted(digest(sp.to_dict()) for sp in specs)})
+        here = socket.gethostname()
         with self._writing("start a run"), self._transaction() as db:
-            row = None
+            run_id = None
             if resume:
-                row = db.execute("SELECT id FROM runs WHERE definition = ? AND status != "
-                                 "'finished' ORDER BY id DESC LIMIT 1", (definition,)).fetchone()
-            if row is not None:
-                run_id = int(row[0])
+                for id_, status, host, pid in db.execute(
+                        "SELECT id, status, host, pid FROM runs WHERE definition = ? AND "
+                        "status != 'finished' ORDER BY id DESC", (definition,)):
+                    if status == "running" and host == here and _pid_alive(pid):
+                        continue  # another process is still running it
+                    run_id = int(id_)
+                    break
+            if run_id is not None:
                 db.execute("UPDATE runs SET status = 'running', pid = ?, host = ?, error = NULL,"
-                           " finished = NULL, hwport_version = ? WHERE id = ?",
-                           (os.getpid(), socket.gethostname(), __version__, run_id))
+                           " finished = NULL WHERE id = ?", (os.getpid(), here, run_id))
             else:
                 cur = db.execute(
                     "INSERT INTO runs (kind, definition, created, status, host, pid, "
                     "hwport_version, recipe, recipe_def, seed, steps, world_size, framework, "
                     "params, cells_total) VALUES (?, ?, ?, 'running', ?, ?, ?, ?, ?, ?, ?, ?, "
                     "?, ?, ?)",
-                    (kind, definition, _now(), socket.gethostname(), os.getpid(), __version__,
+                    (kind, definition, _now(), here, os.getpid(), __version__,
                      recipe.name, json.dumps(recipe.to_dict()), seed, steps, world_size,
                      FRAMEWORK, json.dumps(params), cells_total))
                 run_id = int(cur.lastrowid or 0)
@@ -416,28 +460,36 @@ class Store:
 
     def _add_cell(self, run_id: int, role: str, position: int | None, key: str,
                   result: RunResult, spec: BackendSpec | None, reused_from: int | None,
-                  spec_hash: str | None = None) -> int:
+                  spec_hash: str | None = None, version: str | None = None) -> int:
+        """Commit one cell (at ``position``, replacing what a resumed run had there)."""
+        from hwport import __version__
+
         d = result.to_dict()
         curve, ref_curve = d.pop("curve"), d.pop("reference_curve")
         telemetry, memory, step_time = d.pop("telemetry"), d.pop("memory"), d.pop("time")
+        points = [(series, int(point["step"]), name, _real(_float(v)))
+                  for series, pts in (("backend", curve), ("reference", ref_curve))
+                  for point in pts for name, v in point.items() if name != "step"]
+        blobs = [json.dumps(x, allow_nan=False) for x in (telemetry, memory, step_time, d)]
         with self._writing("store a cell"), self._transaction() as db:
             h = spec_hash or self._spec(db, spec)  # type: ignore[arg-type]
+            if position is not None:  # a resumed run measured it again (another spec, say)
+                db.execute("DELETE FROM cells WHERE run_id = ? AND position = ?",
+                           (run_id, position))
             cur = db.execute(
                 "INSERT INTO cells (run_id, role, position, key, reused_from, created, "
-                "backend, spec_hash, pipeline, mode, recipe, seed, steps, outcome, metric, "
-                "metric_value, wall_s, telemetry, memory, time, result) VALUES (?, ?, ?, ?, ?, "
-                "?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (run_id, role, position, key, reused_from, _now(), result.backend, h,
+                "hwport_version, backend, spec_hash, pipeline, mode, recipe, seed, steps, "
+                "outcome, metric, metric_value, wall_s, telemetry, memory, time, result) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (run_id, role, position, key, reused_from, _now(), version or __version__,
+                 result.backend, h,
                  result.pipeline, result.mode, result.recipe, result.seed, result.steps,
                  result.outcome, result.metric, _real(result.metrics.get(result.metric)),
-                 result.wall_s, json.dumps(telemetry), json.dumps(memory),
-                 json.dumps(step_time), json.dumps(d)))
+                 result.wall_s, *blobs))
             cell_id = int(cur.lastrowid or 0)
             db.executemany(
                 "INSERT INTO curves (cell_id, series, step, name, value) VALUES (?, ?, ?, ?, ?)",
-                [(cell_id, series, int(point["step"]), name, _real(_float(v)))
-                 for series, points in (("backend", curve), ("reference", ref_curve))
-                 for point in points for name, v in point.items() if name != "step"])
+                [(cell_id, *point) for point in points])
         return cell_id
 
     def _add_port(self, run_id: int, key: str, result: dict[str, Any],
@@ -481,10 +533,14 @@ class Store:
         d["reference_curve"] = list(curves["reference"].values())
         return RunResult.from_dict(d)
 
-    def find_cell(self, key: str) -> tuple[int, RunResult, str] | None:
-        """The newest stored cell with this key: (cell id, result, spec hash), or None."""
+    def find_cell(self, key: str) -> tuple[int, RunResult, str, str] | None:
+        """The newest stored cell with this key: (cell id, result, spec hash, the hwport
+        version that measured it), or None."""
         rows = self._cell_rows("key = ? ORDER BY id DESC LIMIT 1", (key,))
-        return (rows[0]["id"], self._result(rows[0]), rows[0]["spec_hash"]) if rows else None
+        if not rows:
+            return None
+        r = rows[0]
+        return r["id"], self._result(r), r["spec_hash"], r["hwport_version"]
 
     def find_port(self, key: str) -> tuple[int, dict[str, Any]] | None:
         """The newest stored porting result with this key: (id, PortResult data), or None."""
@@ -556,14 +612,28 @@ class Store:
                                              "ORDER BY id", (run_id,)):
                 d = json.loads(result)
                 ports[(d["backend"], d["pipeline"], d["mode"])] = d
-        reused = {(r["backend"], r["pipeline"], r["mode"]): r["reused_from"] for r in rows
-                  if r["reused_from"] is not None}
+            reused = {}
+            for r in rows:
+                if r["reused_from"] is not None:
+                    source = self.db.execute("SELECT run_id FROM cells WHERE id = ?",
+                                             (r["reused_from"],)).fetchone()
+                    reused[(r["backend"], r["pipeline"], r["mode"])] = (
+                        int(source[0]) if source else 0)
         return StoredRun(record, recipe, cells, ports, specs, reused)
 
 
 def _statements(script: str) -> list[str]:
-    lines = [line.split("--", 1)[0] for line in script.splitlines()]
-    return [s.strip() for s in "\n".join(lines).split(";") if s.strip()]
+    """The SQL statements of ``script``, each whole (semicolons in literals and comments
+    do not split one)."""
+    out, current = [], ""
+    for line in script.splitlines(keepends=True):
+        current += line
+        if sqlite3.complete_statement(current):
+            out.append(current.strip())
+            current = ""
+    if current.strip():
+        out.append(current.strip())
+    return out
 
 
 def _float(v: Any) -> Any:
@@ -590,7 +660,9 @@ class Session:
 
     def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None,
                  tb: object) -> None:
-        if kind is None:
+        if kind is None and self.failed:
+            status, error = "failed", self.failed  # some cells were computed, not stored
+        elif kind is None:
             status, error = "finished", None
         elif issubclass(kind, KeyboardInterrupt):
             status, error = "interrupted", str(exc) or "interrupted"
@@ -614,10 +686,10 @@ class Session:
         hit = self.store.find_cell(key)
         if hit is None:
             return None
-        cell_id, result, spec_hash = hit
+        cell_id, result, spec_hash, version = hit
         self._write(lambda: self.store._add_cell(
             self.run_id, "cell" if position is not None else "trial", position, key, result,
-            None, cell_id, spec_hash))
+            None, cell_id, spec_hash, version))
         self.reused += 1
         self._stored(result, position, True)
         return result
@@ -660,6 +732,7 @@ class Session:
         try:
             write()
             return True
-        except StoreError as e:
-            self.failed = str(e)
+        except (StoreError, ValueError, TypeError, KeyError) as e:  # the store, or bad data
+            self.failed = str(e) if isinstance(e, StoreError) else \
+                f"store {self.store.path}: cannot store a result ({type(e).__name__}: {e})"
             return False

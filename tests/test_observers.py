@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 from conftest import FakePlugin
+from test_cli import flat, hwport_cli
 
 from hwport import plugins, runner
 
@@ -81,9 +82,26 @@ def test_tensorboard_event_files_hold_the_curves(tmp_path: Path, reference_cache
 
 def test_tensorboard_missing_is_silent(tmp_path: Path, reference_cache: Path,
                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    from hwport import observers
+
     monkeypatch.setenv("HWPORT_TENSORBOARD", str(tmp_path / "tb"))
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # import fails
+    asked: list[object] = []
+    real = observers._writer
+    monkeypatch.setattr(observers, "_writer", lambda d: asked.append(real(d)) or asked[-1])
     r = runner.run("reference", "digits", "infer", "amp-bf16", steps=STEPS)
     assert r.outcome == "parity"
+    assert asked == [None], "the observer ran, found no tensorboard, and wrote nothing"
     assert not (tmp_path / "tb").exists()
     assert not [f for f in plugins.registry().failures if f.plugin == "tensorboard"]
+
+
+def test_a_broken_observer_is_reported_by_the_command(fake_plugin: FakePlugin,
+                                                      reference_cache: Path) -> None:
+    site = fake_plugin("hwp_broken", BROKEN)
+    for store in ([], ["--no-store"]):
+        r = hwport_cli("run", "-b", "reference", "-p", "digits", "--mode", "infer", "--steps",
+                       str(STEPS), *store, pythonpath=site)
+        assert r.returncode == 0, r.stderr
+        assert "plugin 'broken' (hwp_broken 0.1) failed and was skipped" in flat(r.stderr)
+        assert "outcome: parity" in r.stdout

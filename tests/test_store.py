@@ -80,7 +80,8 @@ def test_resume_reuses_every_stored_cell_and_only_those(st: Store, reference_cac
                                steps=STEPS, session=s2)
     assert ran == ["dataflow"] and s2.reused == 2 and s2.stored == 1
     assert [c.to_dict() for c in again.cells[:2]] == [c.to_dict() for c in first.cells]
-    assert st.load(s2.run_id).reused  # the reused cells say where they came from
+    assert st.load(s2.run_id).reused == {  # the reused cells say which run they came from
+        ("reference", "digits", "train"): s1.run_id, ("dojo", "digits", "train"): s1.run_id}
     # another seed, or another version of a spec, is another measurement
     with st.begin("compare", rec, seed=1, steps=STEPS, resume=True) as s3:
         runner.compare(["dojo"], ["digits"], ["train"], rec, steps=STEPS, seed=1, session=s3)
@@ -111,10 +112,43 @@ def test_port_results_are_stored_and_resumed(st: Store, reference_cache: Path) -
         again = porting.port("dojo", "digits", rec, "train", budget=2, steps=STEPS,
                              session=s2)
     assert again.to_dict() == first.to_dict()
-    assert s2.run_id == s1.run_id + 1 and s2.stored == 0
-    stored = st.load(s1.run_id)
-    assert stored.ports[("dojo", "digits", "train")] == first.to_dict()
-    assert stored.cells[0].outcome == first.outcome_before
+    assert s2.run_id == s1.run_id + 1 and s2.stored == 0 and s2.reused == 1
+    for run_id in (s1.run_id, s2.run_id):  # the resumed search keeps its cell too
+        stored = st.load(run_id)
+        assert stored.ports[("dojo", "digits", "train")] == first.to_dict()
+        assert stored.record.cells_done == 1
+        assert stored.cells[0].outcome == first.outcome_before
+
+
+def test_resuming_after_the_spec_changed_measures_again(st: Store, reference_cache: Path,
+                                                        monkeypatch: pytest.MonkeyPatch
+                                                        ) -> None:
+    rec = plugins.registry().recipe("amp-bf16")
+    with pytest.raises(KeyboardInterrupt), st.begin("compare", rec, seed=0, steps=STEPS,
+                                                     cells_total=2) as s1:
+        runner.compare(["dojo"], ["digits"], ["infer"], rec, steps=STEPS, session=s1)
+        raise KeyboardInterrupt  # before the second cell
+    assert st.runs()[0].status == "interrupted"
+    dojo = plugins.get_backend("dojo")
+    monkeypatch.setitem(plugins.registry().backends, "dojo", plugins.Backend(
+        dataclasses.replace(dojo, description="dojo, revised"), "dojo", "test"))
+    with st.begin("compare", rec, seed=0, steps=STEPS, cells_total=2, resume=True) as s2:
+        runner.compare(["dojo"], ["digits"], ["infer"], rec, steps=STEPS, session=s2)
+    assert s2.run_id == s1.run_id and s2.reused == 0 and s2.failed is None
+    run = st.load(s2.run_id)
+    assert run.record.status == "finished" and run.specs["dojo"]["description"] == \
+        "dojo, revised"
+
+
+def test_resume_never_joins_a_run_still_going(st: Store) -> None:
+    rec = plugins.registry().recipe("amp-bf16")
+    with st.begin("compare", rec, seed=0, steps=STEPS) as live, \
+            st.begin("compare", rec, seed=0, steps=STEPS, resume=True) as other:
+        assert other.run_id != live.run_id  # this process, alive, is running the first
+    with pytest.raises(KeyboardInterrupt), st.begin("compare", rec, seed=0, steps=STEPS):
+        raise KeyboardInterrupt
+    with st.begin("compare", rec, seed=0, steps=STEPS, resume=True) as again:
+        assert again.run_id == other.run_id + 1, "the interrupted run is the one resumed"
 
 
 # -- a real process, really interrupted ---------------------------------------------------
@@ -258,6 +292,15 @@ def test_unwritable_and_unknown(tmp_path: Path) -> None:
         Store(tmp_path)
     with pytest.raises(StoreError, match="no such file"):
         Store(tmp_path / "missing.sqlite", readonly=True)
+    odd = tmp_path / "a#b?c%25" / "s.sqlite"  # not read as a URI's fragment or query
+    Store(odd).close()
+    with Store(odd, readonly=True) as ro:
+        assert ro.runs() == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a#b?c%25", "a-file"]
+    empty = tmp_path / "a#b?c%25" / "empty.sqlite"
+    empty.write_bytes(b"")
+    with pytest.raises(StoreError, match="not a hwport results store"):
+        Store(empty, readonly=True)
     with Store(tmp_path / "s.sqlite") as s:
         with pytest.raises(StoreError, match=r"run 7 is not in store .* \(it has no runs"):
             s.load(7)
