@@ -19,7 +19,6 @@ it is native execution, the yardstick.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import math
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Sequence
@@ -33,7 +32,7 @@ from torch.fx.experimental.proxy_tensor import make_fx
 from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 
 from hwport.formats import FloatFormat
-from hwport.recipes import Lowered
+from hwport.recipes import Lowered, compute_format
 from hwport.rounding import (
     KernelParams,
     Rounding,
@@ -261,14 +260,7 @@ class Emulator:
         self._mode = _Mode(self)
 
     def _fmt(self, name: str | None) -> FloatFormat | None:
-        """The format called ``name`` as the backend computes in it (flushing subnormal
-        results on flush-to-zero hardware), or None for fp32 without flushing."""
-        if name is None:
-            return None
-        f = self.spec.format(name)
-        if self.spec.precision.flush_to_zero and f.subnormals:
-            return dataclasses.replace(f, name=f"{f.name}_ftz", subnormals=False)
-        return None if (f.exponent_bits, f.mantissa_bits, f.bias) == (8, 23, 127) else f
+        return compute_format(self.spec, name)
 
     # -- rounding -------------------------------------------------------------------------
     def round_(self, t: torch.Tensor, fmt: FloatFormat | None, key: str,

@@ -271,6 +271,18 @@ def _nearest_format(want: FloatFormat, have: list[FloatFormat]) -> FloatFormat:
     return max(have, key=lambda f: f.bits)
 
 
+def compute_format(spec: BackendSpec, name: str | None) -> FloatFormat | None:
+    """The format called ``name`` as ``spec``'s hardware computes in it (flushing subnormal
+    results on flush-to-zero hardware), or None for fp32 without flushing: nothing to round.
+    Every engine rounds into these."""
+    if name is None:
+        return None
+    f = spec.format(name)
+    if spec.precision.flush_to_zero and f.subnormals:
+        return dataclasses.replace(f, name=f"{f.name}_ftz", subnormals=False)
+    return None if (f.exponent_bits, f.mantissa_bits, f.bias) == (8, 23, 127) else f
+
+
 def lower(recipe: Recipe, spec: BackendSpec) -> Lowered:
     """``recipe`` as ``spec`` can run it: formats it lacks become its nearest ones, hardware
     features it lacks are dropped; each change is a note."""
