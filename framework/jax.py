@@ -28,15 +28,18 @@ hwport does not know is an error naming it and the backend, never passed through
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import math
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import cache
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jax.extend import core as jcore
 
@@ -49,15 +52,17 @@ from hwport.spec import BackendSpec
 
 __all__ = ["Emulated", "UnsupportedPrimitive", "emulate"]
 
-MATMUL = {"dot_general", "conv_general_dilated"}
+MATMUL = {"dot_general", "conv_general_dilated", "ragged_dot_general"}
 # values unchanged (or a choice among the inputs' values): the output keeps their format
 PASS = {
     "reshape", "broadcast_in_dim", "transpose", "squeeze", "expand_dims", "slice",
     "dynamic_slice", "dynamic_update_slice", "concatenate", "gather", "select_n", "rev",
     "pad", "copy", "copy_p", "convert_element_type", "reduce_max", "reduce_min", "max",
-    "min", "neg", "abs", "stop_gradient", "sort", "clamp", "real", "imag",
+    "min", "neg", "abs", "stop_gradient", "sort", "clamp", "real", "imag", "tile",
     "optimization_barrier", "device_put", "sharding_constraint", "split", "reduce_precision",
-    "cummax", "cummin", "sign", "floor", "ceil", "round", "select_and_gather_add",
+    "cummax", "cummin", "sign", "floor", "ceil", "round", "select_and_gather_add", "top_k",
+    "reduce_window_max", "reduce_window_min", "scatter-max", "scatter_max", "scatter-min",
+    "scatter_min", "iota", "bitcast_convert_type",
 }
 # floating-point results that the backend computes and stores in its activation format
 COMPUTE = {
@@ -66,17 +71,30 @@ COMPUTE = {
     "cosh", "sin", "cos", "tan", "asin", "acos", "atan", "atan2", "asinh", "acosh", "atanh",
     "erf", "erfc", "erf_inv", "lgamma", "digamma", "reduce_sum", "reduce_prod", "cumsum",
     "cumprod", "cumlogsumexp", "scatter-add", "scatter_add", "scatter", "scatter-mul",
-    "scatter_mul", "select_and_scatter_add", "reduce_and", "reduce_or", "argmax", "argmin",
-    "nextafter", "is_finite", "igamma", "random_gamma_grad",
+    "scatter_mul", "select_and_scatter_add", "nextafter", "igamma", "random_gamma_grad",
+    "reduce_window_sum", "reduce_window",
 }
 # higher-order primitives: their inner jaxprs are transformed
 CALLS = {"pjit", "jit", "closed_call", "core_call", "custom_jvp_call", "custom_vjp_call",
          "custom_vjp_call_jaxpr", "checkpoint", "remat", "remat2", "custom_lin"}
 LOOPS = {"scan", "while", "cond"}
-# jax.nn functions (jitted under these names) that belong to an fp32 group
-NAMED_GROUPS = {"softmax": "softmax", "log_softmax": "softmax", "_softmax": "softmax",
-                "logsumexp": "softmax", "layer_norm": "normalization",
-                "standardize": "normalization"}
+# jax.nn's functions are one operation each, as aten's are to the torch engine: computed in
+# fp32 inside, their outputs rounded once (and their own differentiation rules kept);
+# those of an fp32 group are not rounded at all
+FUSED = {"softmax": "softmax", "log_softmax": "softmax", "logsumexp": "softmax",
+         "standardize": "normalization", "relu": None, "relu6": None, "gelu": None,
+         "silu": None, "swish": None, "sigmoid": None, "softplus": None, "elu": None,
+         "celu": None, "selu": None, "leaky_relu": None, "glu": None, "log_sigmoid": None,
+         "hard_tanh": None, "squareplus": None, "mish": None}
+# jax.random's samplers: exact constructions from random bits, never rounded (as torch's
+# uniform_, normal_ and bernoulli pass through the torch engine)
+EXACT = {"_uniform", "_normal", "_normal_real", "_bernoulli", "_truncated_normal",
+         "_randint", "_gumbel", "_exponential", "_categorical", "_laplace", "_logistic",
+         "_beta", "_gamma", "_poisson", "_cauchy", "_choice", "_permutation", "_shuffle",
+         "_random_bits", "_threefry_split", "_threefry_fold_in", "threefry_2x32",
+         "_dirichlet", "_t", "_chisquare", "_f", "_rademacher", "_maxwell",
+         "_double_sided_maxwell", "_weibull_min", "_orthogonal", "_generalized_normal",
+         "_ball", "_triangular", "_wald", "_geometric", "_binomial", "_loggamma"}
 
 
 class UnsupportedPrimitive(HwportError):
@@ -169,13 +187,25 @@ def _scope_of(eqn: Any) -> str:
     return str(eqn.source_info.name_stack)
 
 
+def _tokens(scope: str) -> list[str]:
+    return [t for t in re.split(r"[()/\s]+", scope) if t]
+
+
 def _group(ctx: _Ctx, scope: str) -> str | None:
-    """The recipe's fp32 group an equation belongs to, from the names it is nested in."""
-    for name in re.split(r"[()/\s]+", scope):
-        group = NAMED_GROUPS.get(name, name)
-        if group in ctx.recipe.fp32_ops:
-            return group
+    """The recipe's fp32 group an equation belongs to: a ``jax.named_scope`` of that name
+    around it (jitted functions' own names do not count: a model jitted as ``loss`` is not
+    the loss)."""
+    for name in _tokens(scope):
+        if name in ctx.recipe.fp32_ops:
+            return name
     return None
+
+
+def _backward(scope: str) -> bool:
+    """Whether JAX built the equation as a transpose (the backward pass); recomputed
+    forward values of a checkpoint are forward."""
+    tokens = _tokens(scope)
+    return "transpose" in tokens and "rematted_computation" not in tokens
 
 
 def _known_all(known: Sequence[FloatFormat | bool | None]) -> FloatFormat | None:
@@ -186,17 +216,22 @@ def _known_all(known: Sequence[FloatFormat | bool | None]) -> FloatFormat | None
     return None
 
 
-def _eval(ctx: _Ctx, jaxpr: Any, consts: Sequence[Any], args: Sequence[Any],
-          scope: str) -> list[Any]:
-    """Evaluate ``jaxpr`` on ``args`` with the recipe's numerics; ``scope`` is the name
-    stack the jaxpr is nested in."""
+Fmt = FloatFormat | None
+Known = FloatFormat | bool | None  # False: not a floating array (no say in autocast)
+
+
+def _eval(ctx: _Ctx, jaxpr: Any, consts: Sequence[Any], args: Sequence[Any], scope: str,
+          fmts: Sequence[Fmt] | None = None) -> tuple[list[Any], list[Fmt]]:
+    """Evaluate ``jaxpr`` on ``args`` (holding ``fmts``) with the recipe's numerics;
+    ``scope`` is the name stack the jaxpr is nested in. Returns the outputs and the format
+    each holds (None: not known to hold one)."""
     env: dict[Any, Any] = {}
-    fmt_of: dict[Any, FloatFormat | None] = {}  # what each value is known to hold
+    fmt_of: dict[Any, Fmt] = {}
 
     def read(v: Any) -> Any:
         return v.val if isinstance(v, jcore.Literal) else env[v]
 
-    def known(v: Any) -> FloatFormat | bool | None:
+    def known(v: Any) -> Known:
         """The format a floating value holds (None: unknown), False if not floating."""
         val = read(v)
         if not _float(val):
@@ -207,50 +242,83 @@ def _eval(ctx: _Ctx, jaxpr: Any, consts: Sequence[Any], args: Sequence[Any],
 
     for v, c in zip(jaxpr.constvars, consts, strict=True):
         env[v] = c
-    for v, a in zip(jaxpr.invars, args, strict=True):
+    for i, (v, a) in enumerate(zip(jaxpr.invars, args, strict=True)):
         env[v] = a
+        fmt_of[v] = fmts[i] if fmts is not None else None
     for eqn in jaxpr.eqns:
         here = f"{scope}/{_scope_of(eqn)}" if _scope_of(eqn) else scope
         invals = [read(v) for v in eqn.invars]
-        outs, fmt = _apply(ctx, eqn, invals, [known(v) for v in eqn.invars], here)
-        if not eqn.primitive.multiple_results:
-            outs = [outs]
-        for v, o in zip(eqn.outvars, outs, strict=True):
+        outs, out_fmts = _apply(ctx, eqn, invals, [known(v) for v in eqn.invars], here)
+        for v, o, f in zip(eqn.outvars, outs, out_fmts, strict=True):
             env[v] = o
-            fmt_of[v] = fmt
-    return [read(v) for v in jaxpr.outvars]
+            fmt_of[v] = f
+    return [read(v) for v in jaxpr.outvars], [
+        None if isinstance(v, jcore.Literal) else fmt_of.get(v) for v in jaxpr.outvars]
 
 
-def _apply(ctx: _Ctx, eqn: Any, invals: list[Any], known: list[FloatFormat | bool | None],
-           scope: str) -> tuple[Any, FloatFormat | None]:
-    """One equation: its outputs under the recipe, and the format they hold."""
+def _apply(ctx: _Ctx, eqn: Any, invals: list[Any], known: list[Known],
+           scope: str) -> tuple[list[Any], list[Fmt]]:
+    """One equation: its outputs under the recipe, and the format each holds."""
     name = eqn.primitive.name
-    backward = "transpose" in scope
-    phase = "backward" if backward else "forward"
-    params = eqn.params
+    phase = "backward" if _backward(scope) else "forward"
+    in_fmts: list[Fmt] = [k if isinstance(k, FloatFormat) else None for k in known]
     if name in CALLS or name in LOOPS:
-        return _nested(ctx, eqn, invals, scope), None
-    out = eqn.primitive.bind(*invals, **params)
-    outs = out if eqn.primitive.multiple_results else [out]
+        label = _label(eqn) if name in CALLS else None
+        if label in EXACT:
+            return _bind(eqn, invals), [None] * len(eqn.outvars)
+        if label in FUSED:
+            return _fused(ctx, eqn, invals, known, scope, phase, FUSED[label])
+        return _nested(ctx, eqn, invals, in_fmts, scope)
+    outs = _bind(eqn, invals)
     if not any(_float(o) for o in outs):
-        return out, None  # integers and booleans: nothing to round
-    group = _group(ctx, scope)
+        return outs, [None] * len(outs)  # integers and booleans: nothing to round
+    if name in MATMUL:  # a matmul is a matmul in any scope, as in the torch engine
+        return [_matmul(ctx, eqn, invals, phase)], [ctx.fmts["activations"]]
     if name in PASS:
-        return out, _known_all(known)
-    if name in MATMUL:
-        if group is not None:
-            return out, None
-        return _matmul(ctx, eqn, invals, phase), ctx.fmts["activations"]
+        return outs, [_known_all(known)] * len(outs)
     if name not in COMPUTE:
         raise UnsupportedPrimitive(name, ctx.backend)
+    return _compute(ctx, outs, known, _group(ctx, scope), phase)
+
+
+def _label(eqn: Any) -> str | None:
+    """The name of a call: a jit's own, or, for a custom differentiation rule around one
+    jitted function (``jax.nn.relu``), that function's."""
+    name = eqn.params.get("name")
+    if name is not None or not eqn.primitive.name.startswith("custom_"):
+        return name  # type: ignore[no-any-return]
+    inner, _ = _closed(eqn.params.get("call_jaxpr") or eqn.params.get("fun_jaxpr"))
+    if inner is not None and len(inner.eqns) == 1:
+        return inner.eqns[0].params.get("name")  # type: ignore[no-any-return]
+    return None
+
+
+def _bind(eqn: Any, invals: list[Any]) -> list[Any]:
+    """The equation run natively (as jax.core.eval_jaxpr runs it)."""
+    with eqn.ctx.manager:
+        out = eqn.primitive.bind(*invals, **eqn.primitive.get_bind_params(eqn.params))
+    return list(out) if eqn.primitive.multiple_results else [out]
+
+
+def _compute(ctx: _Ctx, outs: list[Any], known: list[Known], group: str | None,
+             phase: str) -> tuple[list[Any], list[Fmt]]:
+    """Outputs of a computing operation, rounded to the activation format (autocast: only
+    when every floating input holds it; an fp32 group: never)."""
     if group is not None:
-        return out, None
+        return outs, [None] * len(outs)
     fmt = _known_all(known) if ctx.recipe.autocast else ctx.fmts["activations"]
     if ctx.recipe.autocast and fmt is not ctx.fmts["activations"]:
-        return out, None
-    key = f"{phase}/elementwise"
-    rounded = [_round(ctx, o, fmt, key) for o in outs]
-    return (rounded if eqn.primitive.multiple_results else rounded[0]), fmt
+        return outs, [None] * len(outs)
+    return [_round(ctx, o, fmt, f"{phase}/elementwise") for o in outs], [fmt] * len(outs)
+
+
+def _fused(ctx: _Ctx, eqn: Any, invals: list[Any], known: list[Known], scope: str,
+           phase: str, group: str | None) -> tuple[list[Any], list[Fmt]]:
+    """A jax.nn function as one operation: computed natively (its own differentiation
+    rules kept), its outputs rounded once, unless its group is kept in fp32."""
+    if group is not None and group not in ctx.recipe.fp32_ops:
+        group = None
+    return _compute(ctx, _bind(eqn, invals), known, group or _group(ctx, scope), phase)
 
 
 def _matmul(ctx: _Ctx, eqn: Any, invals: list[Any], phase: str) -> Any:
@@ -262,8 +330,8 @@ def _matmul(ctx: _Ctx, eqn: Any, invals: list[Any], phase: str) -> Any:
                           "model yet (docs/jax.md)")
     ops = [_round(ctx, x, fmt, f"{phase}/matmul_input") if i < 2 and fmt is not None else x
            for i, x in enumerate(invals)]
-    narrow = ctx.accumulator is not None and fmt is not None
-    if narrow and eqn.primitive.name == "dot_general":
+    narrow = ctx.accumulator is not None or ctx.interval is not None
+    if fmt is not None and narrow and eqn.primitive.name == "dot_general":
         out = _accumulate(ctx, eqn, ops, phase)
     else:
         out = eqn.primitive.bind(*ops, **eqn.params)
@@ -271,23 +339,33 @@ def _matmul(ctx: _Ctx, eqn: Any, invals: list[Any], phase: str) -> Any:
 
 
 def _accumulate(ctx: _Ctx, eqn: Any, ops: list[Any], phase: str) -> Any:
-    """dot_general with partial sums in the accumulator format: the contracted dimension
-    summed in groups of ``interval`` products, each group exactly, every running sum
+    """dot_general with partial sums in the accumulator format: the contracted dimensions
+    (flattened into one, as a matmul unit sees them) summed in groups of
+    ``accumulation_interval`` (or 32) products, each group exactly, every running sum
     rounded (as the torch engine's matmuls)."""
-    (lc, rc), _ = eqn.params["dimension_numbers"]
+    (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
     a, b = ops[0], ops[1]
-    if len(lc) != 1:  # several contracted dimensions: contract all but one first? no:
-        raise HwportError(f"hwport.jax: a narrow accumulator on backend {ctx.backend!r} is "
-                          "modelled for dot_general with one contracted dimension; this "
-                          f"one contracts {len(lc)}")
-    k = a.shape[lc[0]]
+    lfree = [d for d in range(a.ndim) if d not in (*lc, *lb)]
+    rfree = [d for d in range(b.ndim) if d not in (*rc, *rb)]
+    k = math.prod(a.shape[d] for d in lc)
+    # batch, free, contracted (one dimension) | batch, contracted (one dimension), free
+    a = a.transpose(*lb, *lfree, *lc).reshape(
+        *(a.shape[d] for d in (*lb, *lfree)), k)
+    b = b.transpose(*rb, *rc, *rfree).reshape(
+        *(b.shape[d] for d in rb), k, *(b.shape[d] for d in rfree))
+    nb = len(lb)
+    dims = (((a.ndim - 1,), (nb,)), (tuple(range(nb)), tuple(range(nb))))
+    params = {**eqn.params, "dimension_numbers": dims}
+    group = ctx.interval or 32
     acc = None
-    for k0 in range(0, k, ctx.interval):
-        k1 = min(k0 + ctx.interval, k)
-        part = eqn.primitive.bind(lax.slice_in_dim(a, k0, k1, axis=lc[0]),
-                                  lax.slice_in_dim(b, k0, k1, axis=rc[0]), **eqn.params)
+    for k0 in range(0, k, group):
+        k1 = min(k0 + group, k)
+        part = eqn.primitive.bind(lax.slice_in_dim(a, k0, k1, axis=a.ndim - 1),
+                                  lax.slice_in_dim(b, k0, k1, axis=nb), **params)
         acc = part if acc is None else acc + part
         acc = _round(ctx, acc, ctx.accumulator, f"{phase}/accumulator")
+    if acc is None:  # nothing to contract: zeros of the output's shape
+        return eqn.primitive.bind(a, b, **params)
     return acc
 
 
@@ -298,24 +376,32 @@ def _closed(x: Any) -> tuple[Any, list[Any]]:
     return x, []
 
 
-def _nested(ctx: _Ctx, eqn: Any, invals: list[Any], scope: str) -> list[Any] | Any:
-    """A higher-order primitive with its inner jaxprs transformed."""
+def _nested(ctx: _Ctx, eqn: Any, invals: list[Any], fmts: list[Fmt],
+            scope: str) -> tuple[list[Any], list[Fmt]]:
+    """A higher-order primitive with its inner jaxprs transformed. A call's outputs keep
+    the formats its body gives them; a loop's are not known to hold any (the carry may
+    change format from one iteration to the next)."""
     name, params = eqn.primitive.name, eqn.params
     if name in CALLS:
         inner = params.get("jaxpr") or params.get("call_jaxpr") or params.get("fun_jaxpr")
         if inner is None:
             raise UnsupportedPrimitive(name, ctx.backend)
         jaxpr, consts = _closed(inner)
-        label = params.get("name")
-        outs = _eval(ctx, jaxpr, consts, invals, f"{scope}/{label}" if label else scope)
-        return outs if eqn.primitive.multiple_results else outs[0]
+        return _eval(ctx, jaxpr, consts, invals, scope, fmts)
+    outs = _loop(ctx, eqn, invals, scope)
+    return outs, [None] * len(outs)
+
+
+def _loop(ctx: _Ctx, eqn: Any, invals: list[Any], scope: str) -> list[Any]:
+    """scan, while or cond, re-emitted around transformed bodies."""
+    name, params = eqn.primitive.name, eqn.params
     if name == "scan":
         jaxpr, consts = _closed(params["jaxpr"])
         nc, ncarry = params["num_consts"], params["num_carry"]
         cst, carry, xs = invals[:nc], invals[nc:nc + ncarry], invals[nc + ncarry:]
 
         def step(inner: _Ctx, c: Any, x: Any) -> Any:
-            return _eval(inner, jaxpr, consts, [*cst, *c, *x], scope)
+            return _eval(inner, jaxpr, consts, [*cst, *c, *x], scope)[0]
 
         keys = _probe(ctx, step, carry, [v[0] for v in xs])
         counted = _counting(ctx, step, keys)
@@ -326,7 +412,7 @@ def _nested(ctx: _Ctx, eqn: Any, invals: list[Any], scope: str) -> list[Any] | A
 
         c, (ys, counts) = lax.scan(body, carry, xs, length=params["length"],
                                    reverse=params["reverse"], unroll=params["unroll"])
-        _merge(ctx, keys, counts.sum(axis=0), params["length"])
+        _merge(ctx, keys, counts.sum(axis=0))
         return [*c, *ys]
     if name == "while":
         cj, cc = _closed(params["cond_jaxpr"])
@@ -336,11 +422,11 @@ def _nested(ctx: _Ctx, eqn: Any, invals: list[Any], scope: str) -> list[Any] | A
             invals[ncond + nbody:]
 
         def body_of(inner: _Ctx, c: Any) -> Any:
-            return _eval(inner, bj, bc, [*bconsts, *c], scope)
+            return _eval(inner, bj, bc, [*bconsts, *c], scope)[0]
 
         def cond_of(c: Any) -> Any:  # the loop test's own roundings are not counted
             return _eval(dataclasses.replace(ctx, telemetry=Telemetry()), cj, cc,
-                         [*cconsts, *c], scope)[0]
+                         [*cconsts, *c], scope)[0][0]
 
         keys = _probe(ctx, body_of, init)
         counted = _counting(ctx, body_of, keys)
@@ -350,22 +436,22 @@ def _nested(ctx: _Ctx, eqn: Any, invals: list[Any], scope: str) -> list[Any] | A
             outs, counts = counted(c)
             return outs, total + counts, n + 1
 
-        zero = jnp.zeros((len(keys), 2), jnp.int32)
-        out, total, n = lax.while_loop(lambda st: cond_of(st[0]), loop,
+        zero = jnp.zeros((len(keys), 3), jnp.int32)
+        out, total, _ = lax.while_loop(lambda st: cond_of(st[0]), loop,
                                        (list(init), zero, jnp.int32(0)))
-        _merge(ctx, keys, total, n)
+        _merge(ctx, keys, total)
         return list(out)
     # cond: the first operand picks the branch; every branch reports the same counts
     branches = [_closed(b) for b in params["branches"]]
     index, ops = invals[0], invals[1:]
 
     def branch(j: Any, c: list[Any]) -> Callable[[_Ctx, list[Any]], Any]:
-        return lambda inner, o: _eval(inner, j, c, list(o), scope)
+        return lambda inner, o: _eval(inner, j, c, list(o), scope)[0]
 
     fns = [branch(j, c) for j, c in branches]
     keys = {k: n for f in fns for k, n in _probe(ctx, f, ops).items()}
     results = lax.switch(index, [lambda o, f=f: _counting(ctx, f, keys)(o) for f in fns], ops)
-    _merge(ctx, keys, results[1], 1)
+    _merge(ctx, keys, results[1])
     return list(results[0])
 
 
@@ -388,18 +474,45 @@ def _counting(ctx: _Ctx, fn: Callable[..., Any], keys: dict[str, int]
         inner = Telemetry()
         outs = fn(dataclasses.replace(ctx, telemetry=inner), *args)
         tot = inner.totals()
-        rows = [jnp.stack([jnp.asarray(tot[k]["overflow"], jnp.int32),
-                           jnp.asarray(tot[k]["underflow"], jnp.int32)])
-                if k in tot else jnp.zeros(2, jnp.int32) for k in keys]
-        return outs, jnp.stack(rows) if rows else jnp.zeros((0, 2), jnp.int32)
+        rows = [jnp.stack([jnp.asarray(tot[k][c], jnp.int32)
+                           for c in ("overflow", "underflow", "elements")])
+                if k in tot else jnp.zeros(3, jnp.int32) for k in keys]
+        return outs, jnp.stack(rows) if rows else jnp.zeros((0, 3), jnp.int32)
 
     return counted
 
 
-def _merge(ctx: _Ctx, keys: dict[str, int], counts: Any, times: Any) -> None:
-    """Add a loop's summed counts (one row per key) to the telemetry."""
-    for i, (k, elements) in enumerate(keys.items()):
-        ctx.telemetry.add(k, counts[i, 0], counts[i, 1], elements * times)
+def _merge(ctx: _Ctx, keys: dict[str, int], counts: Any) -> None:
+    """Add a loop's summed counts (one row per key: overflow, underflow, elements) to the
+    telemetry."""
+    for i, k in enumerate(keys):
+        ctx.telemetry.add(k, counts[i, 0], counts[i, 1], counts[i, 2])
+
+
+def _is_array(v: Any) -> bool:
+    return isinstance(v, jax.Array | np.ndarray | np.generic | jax.core.Tracer)
+
+
+# jax.nn functions that JAX does not jit (so a jaxpr has no name for them), and their
+# static arguments: wrapped in a named jit while a function is traced for emulation, so
+# that each appears as one operation
+_UNNAMED = {"softmax": ("axis",), "logsumexp": ("axis", "keepdims", "return_sign")}
+
+
+@contextlib.contextmanager
+def _one_op_each() -> Iterator[None]:
+    import jax.nn
+    import jax.scipy.special
+
+    saved = [(m, n, getattr(m, n)) for m in (jax.nn, jax.scipy.special) for n in _UNNAMED
+             if hasattr(m, n)]
+    try:
+        for m, n, f in saved:
+            setattr(m, n, jax.jit(f, static_argnames=_UNNAMED[n]))
+        yield
+    finally:
+        for m, n, f in saved:
+            setattr(m, n, f)
 
 
 class Emulated:
@@ -424,17 +537,23 @@ class Emulated:
         return list(self.lowered.notes)
 
     def with_telemetry(self, *args: Any, **kwargs: Any) -> tuple[Any, dict[str, Any]]:
-        """``(fn's outputs, {rounding key: overflow, underflow, elements, roundings})``."""
-        flat, tree = jax.tree_util.tree_flatten((args, kwargs))
+        """``(fn's outputs, {rounding key: overflow, underflow, elements, roundings})``.
+        Array arguments are traced; any other argument (a flag, a size) is passed as is."""
+        leaves, tree = jax.tree_util.tree_flatten((args, kwargs))
+        traced = [i for i, v in enumerate(leaves) if _is_array(v)]
         telemetry = Telemetry()
         ctx = _Ctx(self.lowered, telemetry, self.formats, self.accumulator, self.interval)
 
-        def run(*leaves: Any) -> Any:
-            a, k = jax.tree_util.tree_unflatten(tree, leaves)
-            return self.fn(*a, **k)
+        def run(*arrays: Any) -> Any:
+            full = list(leaves)
+            for i, v in zip(traced, arrays, strict=True):
+                full[i] = v
+            a, k = jax.tree_util.tree_unflatten(tree, full)
+            with _one_op_each():
+                return self.fn(*a, **k)
 
-        closed, shape = jax.make_jaxpr(run, return_shape=True)(*flat)
-        outs = _eval(ctx, closed.jaxpr, closed.consts, flat, "")
+        closed, shape = jax.make_jaxpr(run, return_shape=True)(*(leaves[i] for i in traced))
+        outs, _ = _eval(ctx, closed.jaxpr, closed.consts, [leaves[i] for i in traced], "")
         result = jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(shape), outs)
         return result, telemetry.totals()
 

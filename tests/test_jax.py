@@ -117,11 +117,15 @@ def test_nested_jaxprs_are_emulated_like_straight_line_code() -> None:
     # autocast without a matmul stays in fp32: the loops run exactly as natively
     amp = np.asarray(jax.jit(emulate(nested, "simgpu", "amp-fp16"))(x))
     assert np.array_equal(amp, np.asarray(jax.jit(nested)(x)))
-    # loop bodies report their counts through the loop: as many roundings as unrolled
-    _, nested_t = jax.jit(emulate(nested, "dojo", "pure-bf16").with_telemetry)(x)
-    _, flat_t = emulate(flat, "dojo", "pure-bf16").with_telemetry(x)
-    assert int(nested_t["forward/elementwise"]["elements"]) == \
-        int(flat_t["forward/elementwise"]["elements"]) - 64  # where() rounds both branches
+    # loop bodies report their counts through the loop: 2 roundings of 64 elements per
+    # iteration, 4 iterations of the scan and 3 of the while loop; the cond's taken branch
+    def loops(v: jax.Array) -> jax.Array:
+        v = jax.lax.while_loop(lambda c: c[0] < 3, lambda c: (c[0] + 1, c[1] * 0.9 + 0.01),
+                               (0, lax_scan(v)))[1]
+        return jax.lax.cond(v[0, 0] > 100, lambda u: jnp.exp(u * 0.1), lambda u: u / 3.0, v)
+
+    _, t = jax.jit(emulate(loops, "dojo", "pure-bf16").with_telemetry)(x)
+    assert int(t["forward/elementwise"]["elements"]) == (4 * 2 + 3 * 2 + 1) * 64
 
 
 def test_grad_of_an_emulated_function_and_an_emulated_gradient() -> None:
@@ -167,3 +171,87 @@ def test_same_inputs_same_bits() -> None:
     x = RNG.standard_normal((64, 64)).astype(np.float32)
     em = jax.jit(emulate(lambda v: jnp.tanh(v @ v) @ v, "dataflow", "pure-bf16"))
     assert np.array_equal(np.asarray(em(x)), np.asarray(em(x)))
+
+
+def holds_bf16(x: jax.Array) -> bool:
+    v = np.asarray(x)
+    return bool(np.array_equal(bf16(v), v))
+
+
+def test_autocast_follows_values_through_calls_and_jax_nn() -> None:
+    """Under amp-bf16 what follows a matmul is bf16, through jitted functions and jax.nn's
+    (one operation each, as aten's are); softmax, an fp32 group, is not rounded."""
+    x, w = RNG.standard_normal((8, 32)).astype(np.float32), grid((32, 16))
+    for f in (lambda x, w: jax.nn.relu(x @ w) * 3.0, lambda x, w: jax.nn.silu(x @ w),
+              lambda x, w: jax.jit(lambda a, b: a @ b)(x, w) * 3.0,
+              lambda x, w: jax.nn.gelu(x @ w) + 1.0):
+        out = jax.jit(emulate(f, "simgpu", "amp-bf16"))(x, w)
+        assert holds_bf16(out) and not np.array_equal(np.asarray(out), np.asarray(f(x, w)))
+    mm = jax.jit(emulate(lambda x, w: x @ w, "simgpu", "amp-bf16"))(x, w)
+    sm = jax.jit(emulate(lambda x, w: jax.nn.softmax(x @ w), "simgpu", "amp-bf16"))(x, w)
+    assert np.array_equal(np.asarray(sm), np.asarray(jax.jit(jax.nn.softmax)(mm)))
+    assert not holds_bf16(sm)
+    # jax.nn's functions keep their own differentiation rules: relu'(0) is 0
+    g = jax.grad(emulate(lambda v: jnp.sum(jax.nn.relu(v)), "dojo", "pure-bf16"))(
+        jnp.zeros(4))
+    assert np.array_equal(np.asarray(g), np.zeros(4))
+
+
+def test_a_jitted_model_named_loss_is_not_the_loss_group() -> None:
+    x, w = RNG.standard_normal((8, 32)).astype(np.float32), grid((32, 16))
+
+    @jax.jit
+    def loss(x: jax.Array, w: jax.Array) -> jax.Array:
+        return jnp.mean(jnp.tanh(x @ w))
+
+    _, t = emulate(loss, "dojo", "amp-bf16").with_telemetry(x, w)
+    assert {"forward/matmul_input", "forward/matmul", "forward/elementwise"} <= set(t)
+
+
+def test_accumulator_over_several_contracted_dimensions() -> None:
+    """A 3-D layer's weight gradient contracts batch and sequence: flattened into one K,
+    summed in groups of 32 in e8m13, as the oracle does with the same K order."""
+    recipe = dataclasses.replace(builtin("fp8-hybrid"), fp8_scaling=None, activations="fp32",
+                                 matmul_input_backward="e4m3fn")
+    a = np.asarray(hwport.quantize(grid((4, 24, 8)), "e4m3fn"))
+    g = np.asarray(hwport.quantize(grid((4, 24, 5)), "e4m3fn"))
+    got = jax.jit(emulate(lambda a, g: jnp.einsum("bsk,bsn->kn", a, g), "simgpu", recipe))(a, g)
+    want = accumulate_oracle(a.reshape(96, 8).T.astype(np.float64),
+                             g.reshape(96, 5).astype(np.float64), E8M13)
+    assert np.array_equal(np.asarray(got, np.float64), want)
+
+    def layer(w: jax.Array, x: jax.Array) -> jax.Array:
+        return jnp.sum(jnp.tanh(x @ w))
+
+    w = grid((8, 5))
+    grads, t = jax.jit(emulate(jax.grad(layer), "simgpu", recipe).with_telemetry)(w, a)
+    assert grads.shape == w.shape and "backward/accumulator" in t
+
+
+def test_checkpointed_gradients_equal_plain_ones() -> None:
+    """Recomputed forward values of jax.checkpoint are forward values, not backward."""
+    recipe = dataclasses.replace(builtin("fp8-hybrid"), fp8_scaling=None)
+    w, x = RNG.standard_normal((16, 8)).astype(np.float32), grid((4, 16))
+
+    def f(w: jax.Array, x: jax.Array) -> jax.Array:
+        return jnp.mean(jnp.tanh(x @ w) ** 2)
+
+    plain = jax.jit(emulate(jax.grad(f), "simgpu", recipe))(w, x)
+    remat = jax.jit(emulate(jax.grad(jax.checkpoint(f)), "simgpu", recipe))(w, x)
+    assert np.array_equal(np.asarray(plain), np.asarray(remat))
+
+
+def test_random_draws_are_exact_and_flags_stay_python() -> None:
+    key = jax.random.key(0)
+
+    def f(v: jax.Array, key: jax.Array, train: bool) -> jax.Array:
+        if train:  # a Python flag, not a traced value
+            keep = jax.random.bernoulli(key, 0.5, v.shape)
+            return jnp.where(keep, v / 0.5, 0.0), jax.random.uniform(key, (1000,))
+        return v, jnp.zeros(1000)
+
+    v = RNG.standard_normal((64,)).astype(np.float32)
+    (dropped, u), _ = emulate(f, "dojo", "pure-bf16").with_telemetry(v, key, train=True)
+    native_u = jax.random.uniform(key, (1000,))
+    assert np.array_equal(np.asarray(u), np.asarray(native_u))  # not rounded to bf16
+    assert holds_bf16(dropped) and 0 < int((np.asarray(dropped) == 0).sum()) < 64
