@@ -362,6 +362,8 @@ ResumeOption = Annotated[bool, typer.Option(
 TensorBoardOption = Annotated[Path | None, typer.Option(
     "--tensorboard", help="Also write each cell as TensorBoard event files under DIR "
     "(when tensorboard is installed).")]
+FrameworkOption = Annotated[str, typer.Option(
+    help="torch, or jax: the pipeline's JAX twin through the JAX engine (docs/jax.md).")]
 CaptureOption = Annotated[bool, typer.Option(
     "--capture/--eager", help="Capture each training step as a graph and replay it; --eager "
     "runs every op through the dispatch mode (same results, slower).")]
@@ -384,6 +386,7 @@ def run(
     no_store: NoStoreOption = False,
     resume: ResumeOption = False,
     tensorboard: TensorBoardOption = None,
+    framework: FrameworkOption = "torch",
 ) -> None:
     """Run one pipeline on one backend and classify it against the reference."""
     from hwport import runner
@@ -391,13 +394,13 @@ def run(
     rec = plugins.registry().recipe(recipe)
     opts = _options(corpus, option)
     params = {"backends": [backend], "pipelines": [pipeline], "modes": [mode],
-              "options": opts}
+              "options": opts, "framework": framework}
     with _stored("run", rec, seed, steps, world_size, params, 1, store_path, no_store,
                  resume, tensorboard) as session, _Bars(1) as bars:
         result = runner.run(backend, pipeline, mode, rec, steps=steps, seed=seed,
                             options=opts, progress=bars.on_cell(
                                 f"{pipeline} {mode} on {backend}", None), capture=capture,
-                            world_size=world_size, session=session)
+                            world_size=world_size, session=session, framework=framework)
     if json_path is not None:
         _write_json(json_path, result.to_dict())
     if json_path is None or str(json_path) != "-":
@@ -428,6 +431,7 @@ def compare(
     no_store: NoStoreOption = False,
     resume: ResumeOption = False,
     tensorboard: TensorBoardOption = None,
+    framework: FrameworkOption = "torch",
 ) -> None:
     """Run pipelines x modes on every backend and print the outcomes side by side.
 
@@ -440,7 +444,7 @@ def compare(
     mode_list = _split(modes) or list(runner.MODES)
     rec = plugins.registry().recipe(recipe)
     params = {"backends": names, "pipelines": pipes, "modes": mode_list,
-              "port": budget if port_search else None}
+              "port": budget if port_search else None, "framework": framework}
     total = len(names) * len(pipes) * len(mode_list)
     ports: dict[tuple[str, str, str], Any] = {}
     with _stored("compare", rec, seed, steps, world_size, params, total, store_path,
@@ -448,7 +452,8 @@ def compare(
         with _Bars(total) as bars:
             comparison = runner.compare(names, pipes, mode_list, rec, steps=steps, seed=seed,
                                         on_cell=bars.on_cell, capture=capture,
-                                        world_size=world_size, session=session)
+                                        world_size=world_size, session=session,
+                                        framework=framework)
         if port_search:
             from hwport import porting
 
@@ -462,7 +467,8 @@ def compare(
         _write_json(json_path, data)
     if json_path is not None and str(json_path) == "-":
         return
-    _print_comparison(f"hwport compare: recipe {comparison.recipe}, seed {seed}", names, pipes,
+    fw = "" if framework == "torch" else f", framework {framework}"
+    _print_comparison(f"hwport compare: recipe {comparison.recipe}, seed {seed}{fw}", names, pipes,
                       mode_list, comparison.cells, {k: _effort_text(v) for k, v in ports.items()})
 
 
@@ -507,6 +513,7 @@ def port(
     no_store: NoStoreOption = False,
     resume: ResumeOption = False,
     tensorboard: TensorBoardOption = None,
+    framework: FrameworkOption = "torch",
 ) -> None:
     """Find the smallest set of mitigations that brings a recipe to parity on a backend."""
     from hwport import porting
@@ -514,12 +521,12 @@ def port(
     rec = plugins.registry().recipe(recipe)
     opts = _options(corpus, option)
     params = {"backends": [backend], "pipelines": [pipeline], "modes": [mode],
-              "options": opts, "port": budget}
+              "options": opts, "port": budget, "framework": framework}
     with _stored("port", rec, seed, steps, world_size, params, 1, store_path, no_store,
                  resume, tensorboard) as session:
         result = porting.port(backend, pipeline, rec, mode, budget=budget, steps=steps,
                               seed=seed, options=opts, on_trial=_show_trial,
-                              world_size=world_size, session=session)
+                              world_size=world_size, session=session, framework=framework)
     if json_path is not None:
         _write_json(json_path, result.to_dict())
     if json_path is None or str(json_path) != "-":

@@ -792,16 +792,9 @@ class Emulator:
                         if p.grad is not None)
         if self.any_rank is not None:  # every rank skips, or none does
             found = self.any_rank(found)
-        if found:
-            self.scale *= policy.backoff
-            self._growth_tracker = 0
-            self.telemetry.skipped_steps += 1
-            return True
-        self._growth_tracker += 1
-        if self._growth_tracker >= policy.growth_interval:
-            self.scale *= policy.growth
-            self._growth_tracker = 0
-        return False
+        self.scale, self._growth_tracker = policy.after(self.scale, self._growth_tracker, found)
+        self.telemetry.skipped_steps += found
+        return found
 
 
 @dataclass(frozen=True)

@@ -138,16 +138,18 @@ class Telemetry:
     """Overflow and underflow counts per rounding key (``phase/op class``), as traced
     values (sum them with :meth:`totals` inside or outside ``jit``)."""
 
-    counts: dict[str, list[tuple[Any, Any, int]]] = field(default_factory=dict)
+    counts: dict[str, list[tuple[Any, Any, Any, Any]]] = field(default_factory=dict)
 
-    def add(self, key: str, overflow: Any, underflow: Any, elements: int) -> None:
-        self.counts.setdefault(key, []).append((overflow, underflow, elements))
+    def add(self, key: str, overflow: Any, underflow: Any, elements: Any,
+            nonfinite: Any = 0) -> None:
+        self.counts.setdefault(key, []).append((overflow, underflow, elements, nonfinite))
 
     def totals(self) -> dict[str, dict[str, Any]]:
-        """{key: {"overflow", "underflow", "elements", "roundings"}}, the torch engine's
-        telemetry layout (``rounding`` in a run's JSON)."""
+        """{key: {"overflow", "underflow", "nonfinite", "elements", "roundings"}}, the
+        torch engine's telemetry layout (``rounding`` in a run's JSON)."""
         return {k: {"overflow": sum(v[0] for v in rows), "underflow": sum(v[1] for v in rows),
-                    "elements": sum(v[2] for v in rows), "roundings": len(rows)}
+                    "elements": sum(v[2] for v in rows), "nonfinite": sum(v[3] for v in rows),
+                    "roundings": len(rows)}
                 for k, rows in sorted(self.counts.items())}
 
 
@@ -179,7 +181,7 @@ def _round(ctx: _Ctx, x: Any, fmt: FloatFormat | None, key: str) -> Any:
     finite = jnp.isfinite(xs)
     overflow = jnp.sum(finite & ((~jnp.isfinite(ys)) | (jnp.abs(xs) > fmt.max)))
     underflow = jnp.sum((xs != 0) & (ys == 0))
-    ctx.telemetry.add(key, overflow, underflow, int(x.size))
+    ctx.telemetry.add(key, overflow, underflow, int(x.size), jnp.sum(~finite))
     return y
 
 
@@ -436,7 +438,7 @@ def _loop(ctx: _Ctx, eqn: Any, invals: list[Any], scope: str) -> list[Any]:
             outs, counts = counted(c)
             return outs, total + counts, n + 1
 
-        zero = jnp.zeros((len(keys), 3), jnp.int32)
+        zero = jnp.zeros((len(keys), len(COLUMNS)), jnp.int32)
         out, total, _ = lax.while_loop(lambda st: cond_of(st[0]), loop,
                                        (list(init), zero, jnp.int32(0)))
         _merge(ctx, keys, total)
@@ -474,19 +476,21 @@ def _counting(ctx: _Ctx, fn: Callable[..., Any], keys: dict[str, int]
         inner = Telemetry()
         outs = fn(dataclasses.replace(ctx, telemetry=inner), *args)
         tot = inner.totals()
-        rows = [jnp.stack([jnp.asarray(tot[k][c], jnp.int32)
-                           for c in ("overflow", "underflow", "elements")])
-                if k in tot else jnp.zeros(3, jnp.int32) for k in keys]
-        return outs, jnp.stack(rows) if rows else jnp.zeros((0, 3), jnp.int32)
+        rows = [jnp.stack([jnp.asarray(tot[k][c], jnp.int32) for c in COLUMNS])
+                if k in tot else jnp.zeros(len(COLUMNS), jnp.int32) for k in keys]
+        return outs, jnp.stack(rows) if rows else jnp.zeros((0, len(COLUMNS)), jnp.int32)
 
     return counted
+
+
+COLUMNS = ("overflow", "underflow", "elements", "nonfinite")  # a loop's counts, per key
 
 
 def _merge(ctx: _Ctx, keys: dict[str, int], counts: Any) -> None:
     """Add a loop's summed counts (one row per key: overflow, underflow, elements) to the
     telemetry."""
     for i, k in enumerate(keys):
-        ctx.telemetry.add(k, counts[i, 0], counts[i, 1], counts[i, 2])
+        ctx.telemetry.add(k, *(counts[i, j] for j in range(len(COLUMNS))))
 
 
 def _is_array(v: Any) -> bool:

@@ -171,7 +171,7 @@ def port(backend: str | BackendSpec, pipeline: str | Pipeline | PipelineFactory,
          mitigations: Sequence[str] | None = None,
          on_trial: Callable[[Trial], None] | None = None,
          before: runner.RunResult | None = None, world_size: int = 1,
-         session: Session | None = None) -> PortResult:
+         session: Session | None = None, framework: str = "torch") -> PortResult:
     """Run ``recipe`` on ``backend``; if it is not at parity, find the smallest set of
     mitigations (at most ``budget`` runs in all, the first included) that restores it.
     ``before``: that first run, when it was already made (a comparison's cell).
@@ -191,7 +191,7 @@ def port(backend: str | BackendSpec, pipeline: str | Pipeline | PipelineFactory,
             raise UnknownNameError("mitigation", unknown[0], pool)
         pool = {m: pool[m] for m in mitigations}
 
-    cell = store.cell_key(spec, p, mode, rec, seed, world_size)
+    cell = store.cell_key(spec, p, mode, rec, seed, world_size, framework=framework)
     key = store.digest({"cell": cell, "budget": budget, "max_set": MAX_SET,
                         "pool": {n: repr(m) for n, m in sorted(pool.items())}})
     if session is not None:
@@ -207,7 +207,7 @@ def port(backend: str | BackendSpec, pipeline: str | Pipeline | PipelineFactory,
                             steps=steps if world_size > 1 else None,
                             options=options if world_size > 1 else None,
                             world_size=world_size, session=session,
-                            position=None if chosen else 0)
+                            position=None if chosen else 0, framework=framework)
         t = Trial(tuple(m.name for m in chosen), result.outcome,
                   result.metrics.get(result.metric), result.wall_s)
         if on_trial:
@@ -287,5 +287,6 @@ def efforts(comparison: runner.Comparison, budget: int = 8,
     recipe = comparison.definition or comparison.recipe
     return [port(c.backend, c.pipeline, recipe, c.mode, budget=budget,
                  steps=c.steps, seed=c.seed, on_trial=on_trial, before=c,
-                 world_size=c.collectives.get("world_size", 1), session=session)
+                 world_size=c.collectives.get("world_size", 1), session=session,
+                 framework=c.framework)
             for c in comparison.cells]

@@ -49,6 +49,16 @@ class LossScaling:
             raise HwportError(f"loss scaling {self}: needs init_scale > 0, growth >= 1, "
                               "0 < backoff <= 1 and growth_interval >= 1")
 
+    def after(self, scale: float, tracker: int, found: bool) -> tuple[float, int]:
+        """GradScaler's update after a step that ``found`` an overflow (and is skipped) or
+        did not: the new scale and the new count of finite steps in a row."""
+        if found:
+            return scale * self.backoff, 0
+        tracker += 1
+        if tracker >= self.growth_interval:
+            return scale * self.growth, 0
+        return scale, tracker
+
 
 @dataclass(frozen=True)
 class FP8Scaling:

@@ -30,6 +30,7 @@ from hwport.spec import BackendSpec
 from hwport.store import Session
 
 MODES = ("train", "infer")
+FRAMEWORKS = ("torch", "jax")
 Progress = Callable[[int, int], None]
 
 
@@ -254,7 +255,7 @@ def run(backend: str | BackendSpec, pipeline: str | Pipeline | PipelineFactory,
         seed: int = 0, options: dict[str, Any] | None = None,
         rules: OutcomeRules | None = None, progress: Progress | None = None,
         capture: bool = True, world_size: int = 1, session: Session | None = None,
-        position: int | None = 0) -> RunResult:
+        position: int | None = 0, framework: str = "torch") -> RunResult:
     """Run one cell and classify it against the reference (see the module docstring).
 
     ``capture=False`` runs every training step eagerly under the dispatch mode (same results,
@@ -266,13 +267,22 @@ def run(backend: str | BackendSpec, pipeline: str | Pipeline | PipelineFactory,
     the cell at ``position`` of that run (None: a porting search's trial); with the
     session's ``resume``, a cell already stored with the same key is returned from the
     store instead of being run. Observers (the ``hwport_run_started`` and
-    ``hwport_run_finished`` hooks) are told of every cell that runs."""
+    ``hwport_run_finished`` hooks) are told of every cell that runs.
+
+    ``framework="jax"`` runs the pipeline's JAX twin (:mod:`hwport.pipelines.jaxnets`:
+    the same data, architecture, initial weights and optimizer) through the JAX engine
+    (:mod:`hwport.jaxrun`), judged against the twin's own fp32 reference training."""
     if mode not in MODES:
         raise HwportError(f"mode {mode!r}: must be one of {list(MODES)}")
+    if framework not in FRAMEWORKS:
+        raise HwportError(f"framework {framework!r}: must be one of {list(FRAMEWORKS)}")
+    if framework == "jax" and world_size != 1:
+        raise HwportError("--framework jax trains on one device: data parallelism in JAX is "
+                          "not built yet (docs/jax.md); use --framework torch")
     spec, rec = _spec(backend), _recipe(recipe)
     rules = rules or OutcomeRules()
     p = resolve_pipeline(pipeline, steps, options)
-    key = store.cell_key(spec, p, mode, rec, seed, world_size, rules)
+    key = store.cell_key(spec, p, mode, rec, seed, world_size, rules, framework)
     if session is not None:
         hit = session.reuse(position, key)
         if hit is not None:
@@ -289,6 +299,8 @@ def run(backend: str | BackendSpec, pipeline: str | Pipeline | PipelineFactory,
         result = parallel.run(spec, pipeline, mode, rec, steps=steps, seed=seed,
                               options=options, rules=rules, world_size=world_size,
                               capture=capture)
+    elif framework == "jax":
+        result = _run_jax(spec, p, mode, rec, seed, rules, progress)
     else:
         result = _run(spec, p, mode, rec, seed, rules, progress, capture)
     if session is not None:
@@ -361,17 +373,88 @@ def _infer(p: Pipeline, spec: BackendSpec, rec: Recipe, seed: int, ref: _Trained
         model.load_state_dict(state)
     if progress:
         progress(1, 1)
-    finite = bool(torch.isfinite(logits).all())
-    agree = float((logits.argmax(-1) == ref_logits.argmax(-1)).double().mean())
-    logp_ref = torch.log_softmax(ref_logits, -1)
-    logp = torch.log_softmax(logits, -1)
-    kl = float((logp_ref.exp() * (logp_ref - logp)).sum(-1).mean()) if finite else math.inf
+    finite, agree, kl = _agreement(logits, ref_logits)
     outcome = rules.infer(agree, metrics.get("val_loss", math.nan), ref_metrics["val_loss"],
                           finite, kl)
     return RunResult(spec.name, p.name, "infer", rec.name, seed, p.steps, outcome, metrics,
                      ref_metrics, [], em.telemetry.to_dict(), list(lowered.notes),
                      time.perf_counter() - t0, agreement={"top1": agree, "kl": kl},
                      metric=p.metric)
+
+
+def _agreement(logits: torch.Tensor, ref_logits: torch.Tensor) -> tuple[bool, float, float]:
+    """(all finite, top-1 agreement, mean KL divergence from the reference's outputs)."""
+    finite = bool(torch.isfinite(logits).all())
+    agree = float((logits.argmax(-1) == ref_logits.argmax(-1)).double().mean())
+    logp_ref = torch.log_softmax(ref_logits, -1)
+    logp = torch.log_softmax(logits, -1)
+    kl = float((logp_ref.exp() * (logp_ref - logp)).sum(-1).mean()) if finite else math.inf
+    return finite, agree, kl
+
+
+def _run_jax(spec: BackendSpec, p: Pipeline, mode: str, rec: Recipe, seed: int,
+             rules: OutcomeRules, progress: Progress | None) -> RunResult:
+    """One cell of the pipeline's JAX twin (see :func:`run`). The memory plan and step time
+    are the same model's, measured as for torch: they depend on the model and the backend,
+    not on the framework."""
+    try:
+        from hwport import jaxrun
+        from hwport.pipelines.jaxnets import twin
+    except ImportError as e:
+        raise HwportError(f"--framework jax needs JAX ({e}): pip install 'hwport[jax]'") \
+            from None
+    jp = twin(p)
+    lowered = lower(rec, spec)
+    jaxrun.check(lowered)  # before the reference is trained
+    ref = _reference_jax(p, seed)
+    t0 = time.perf_counter()
+    if mode == "train":
+        native = spec.name == "reference" and rec.name == "fp32"
+        got = ref if native else jaxrun.train(jp, lowered, seed, progress)
+        outcome = rules.train(got["initial"]["val_loss"], got["metrics"].get("val_loss",
+                                                                             math.nan),
+                              ref["metrics"]["val_loss"], got["finite"])
+        result = RunResult(spec.name, p.name, mode, rec.name, seed, p.steps, outcome,
+                           got["metrics"], ref["metrics"], got["curve"], got["telemetry"],
+                           [] if native else list(lowered.notes), time.perf_counter() - t0,
+                           framework="jax", metric=p.metric, reference_curve=ref["curve"])
+    else:
+        served = jaxrun.infer(jp, lowered, ref["params"])
+        finite, agree, kl = _agreement(torch.from_numpy(served["logits"]),
+                                       torch.from_numpy(ref["logits"]))
+        metrics = served["metrics"]
+        outcome = rules.infer(agree, metrics.get("val_loss", math.nan),
+                              ref["metrics"]["val_loss"], finite, kl)
+        if progress:
+            progress(1, 1)
+        result = RunResult(spec.name, p.name, mode, rec.name, seed, p.steps, outcome,
+                           metrics, ref["metrics"], [], served["telemetry"],
+                           list(lowered.notes), time.perf_counter() - t0, framework="jax",
+                           agreement={"top1": agree, "kl": kl}, metric=p.metric)
+    with seeded(seed):
+        model = p.model()
+    plan, step = profile.measure(p, model, lowered, mode, seed)
+    result.memory, result.time = plan.to_dict(), step.to_dict()
+    return result
+
+
+def _reference_jax(p: Pipeline, seed: int) -> dict[str, Any]:
+    """The JAX twin trained in fp32 on the reference backend (cached in this process)."""
+    from hwport import jaxrun
+    from hwport.pipelines.jaxnets import twin
+
+    key = (p.key(), seed, "jax")
+    hit = _REFERENCE_JAX.get(key)
+    if hit is None:
+        jp = twin(p)
+        native = lower(plugins.registry().recipe("fp32"), plugins.get_backend("reference"))
+        hit = jaxrun.train(jp, native, seed)
+        hit["logits"] = jaxrun.infer(jp, native, hit["params"])["logits"]
+        _REFERENCE_JAX[key] = hit
+    return hit
+
+
+_REFERENCE_JAX: dict[tuple[str, int, str], dict[str, Any]] = {}
 
 
 @dataclass
@@ -394,7 +477,7 @@ def compare(backends: Sequence[str] | None = None, pipelines: Sequence[str] | No
             steps: int | None = None, seed: int = 0, rules: OutcomeRules | None = None,
             on_cell: Callable[[str, Progress | None], Progress | None] | None = None,
             capture: bool = True, world_size: int = 1,
-            session: Session | None = None) -> Comparison:
+            session: Session | None = None, framework: str = "torch") -> Comparison:
     """Every (pipeline, mode, backend) cell; default: all registered backends, the
     built-in pipelines, both modes. ``session`` stores each cell as it finishes (and, with
     resume, takes the cells already stored from the store: see :func:`run`)."""
@@ -418,11 +501,11 @@ def compare(backends: Sequence[str] | None = None, pipelines: Sequence[str] | No
                 if world_size != 1 and mode == "train":  # ranks rebuild it by name
                     cells.append(run(b, pname, mode, rec, steps=steps, seed=seed, rules=rules,
                                      capture=capture, world_size=world_size, session=session,
-                                     position=position))
+                                     position=position, framework=framework))
                 else:
                     cells.append(run(b, p, mode, rec, seed=seed, rules=rules,
                                      progress=progress, capture=capture, session=session,
-                                     position=position))
+                                     position=position, framework=framework))
                 position += 1
     return Comparison(rec.name, seed, cells, rec,
                       session.run_id if session is not None else None)

@@ -47,7 +47,6 @@ if TYPE_CHECKING:
 
 SCHEMA_VERSION = 1
 KINDS = ("compare", "run", "port")
-FRAMEWORK = "torch"
 
 
 class StoreError(HwportError):
@@ -198,7 +197,8 @@ def digest(data: Any) -> str:
 
 
 def cell_key(spec: BackendSpec, pipeline: Pipeline, mode: str, recipe: Recipe, seed: int,
-             world_size: int = 1, rules: OutcomeRules | None = None) -> str:
+             world_size: int = 1, rules: OutcomeRules | None = None,
+             framework: str = "torch") -> str:
     """What makes two cells the same measurement: the hwport version (another version may
     emulate differently), the spec's content (not only its name), the pipeline's name and
     configuration, the mode, the recipe's definition, the seed, the world size, the outcome
@@ -209,7 +209,7 @@ def cell_key(spec: BackendSpec, pipeline: Pipeline, mode: str, recipe: Recipe, s
 
     return digest({"hwport": __version__, "spec": spec.to_dict(), "pipeline": pipeline.name,
                    "pipeline_key": pipeline.key(), "mode": mode, "recipe": recipe.to_dict(),
-                   "seed": seed, "world_size": world_size, "framework": FRAMEWORK,
+                   "seed": seed, "world_size": world_size, "framework": framework,
                    "rules": dataclasses.asdict(rules or OutcomeRules())})
 
 
@@ -416,7 +416,7 @@ class Store:
         params = dict(params or {})
         definition = digest({"kind": kind, "recipe": recipe.to_dict(), "seed": seed,
                              "steps": steps, "world_size": world_size, "params": params,
-                             "framework": FRAMEWORK, "hwport": __version__,
+                             "hwport": __version__,
                              "specs": sorted(digest(sp.to_dict()) for sp in specs)})
         here = socket.gethostname()
         with self._writing("start a run"), self._transaction() as db:
@@ -440,7 +440,7 @@ class Store:
                     "?, ?, ?)",
                     (kind, definition, _now(), here, os.getpid(), __version__,
                      recipe.name, json.dumps(recipe.to_dict()), seed, steps, world_size,
-                     FRAMEWORK, json.dumps(params), cells_total))
+                     params.get("framework", "torch"), json.dumps(params), cells_total))
                 run_id = int(cur.lastrowid or 0)
         return Session(self, run_id, resume)
 

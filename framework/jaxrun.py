@@ -1,0 +1,373 @@
+"""Training and inference of a pipeline's JAX twin under a backend: the JAX engine's step.
+
+The training step does what the torch engine's :meth:`~hwport.engine.Emulator.train_step`
+does, in JAX, with :func:`hwport.jax.emulate` for forward and backward:
+
+* parameters stored in the weights format (fp32 master copies kept apart when the recipe
+  has them); forward and backward emulated, the loss scale entering as the loss's
+  cotangent; gradients rounded to the gradient format;
+* loss scaling with GradScaler semantics (skip and back off on an inf or NaN gradient, or
+  on any backward overflow with ``check="overflow_flags"``; grow after an interval);
+* AdamW as torch's single-tensor implementation writes it, each of its writes rounded as
+  the torch engine rounds them: optimizer state to the state format, each parameter write
+  to the master (or weights) format with the recipe's update rounding (stochastic rounding
+  keyed by seed, step and write, so a run is reproducible), lost updates counted; natively
+  when nothing needs rounding.
+
+Forward-backward and the update are each one ``jax.jit`` program; the host reads the step's
+overflow flags for loss scaling, as the torch engine does.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from hwport.errors import HwportError
+from hwport.formats import FloatFormat
+from hwport.jax import emulate
+from hwport.pipelines.jaxnets import JaxPipeline
+from hwport.recipes import Lowered, compute_format
+from hwport.rounding import Rounding, _JaxOps, _kernel, _lowbias32, kernel_params
+
+UNSUPPORTED = {"fp8_scaling": "per-tensor FP8 scaling", "kahan_updates": "Kahan updates",
+               "software_stochastic": "software stochastic rounding",
+               "reduction_format": "a reduction format (data parallelism)"}
+
+
+def check(lowered: Lowered) -> None:
+    """Refuse, by name, a recipe feature the JAX engine does not model yet."""
+    for name, what in UNSUPPORTED.items():
+        if getattr(lowered.recipe, name):
+            raise HwportError(f"recipe {lowered.recipe.name!r} uses {what} on backend "
+                              f"{lowered.backend.name!r}, which --framework jax does not "
+                              "model yet (docs/jax.md); run it with --framework torch")
+
+
+class _KeyedOps(_JaxOps):
+    """The array kernel's JAX operations with traced stochastic-rounding keys."""
+
+    def __init__(self, width: int, k0: Any, k1: Any) -> None:
+        super().__init__(width)
+        self.k0, self.k1 = k0, k1
+
+    def random_bits(self, idx: Any, p: Any) -> Any:
+        def mul(x: Any, k: int) -> Any:
+            return x * jnp.uint32(k)
+
+        h = _lowbias32(_lowbias32(idx.astype(jnp.uint32) + self.k0, mul) ^ self.k1, mul)
+        return (h >> (32 - p.rbits)).astype(self.itype)
+
+
+def _counted(x: Any, fmt: FloatFormat | None, rounding: Rounding = Rounding.NEAREST,
+             key: Any = None, rbits: int = 23) -> tuple[Any, Any]:
+    """``x`` rounded into ``fmt`` and its [elements, overflow, underflow, nonfinite]."""
+    n = jnp.asarray(x.size, jnp.int32)
+    if fmt is None:
+        return x, jnp.stack([n * 0, n * 0, n * 0, n * 0])
+    p = kernel_params(fmt, 32, rounding, 0 if rounding is Rounding.STOCHASTIC else None,
+                      None, rbits)
+    if rounding is Rounding.STOCHASTIC:
+        ops: _JaxOps = _KeyedOps(32, key[0], key[1])
+    else:
+        ops = _JaxOps(32)
+    bits = lax.bitcast_convert_type(x.astype(jnp.float32), jnp.int32)
+    idx = lax.iota(jnp.int32, x.size).reshape(x.shape)
+    y = lax.bitcast_convert_type(_kernel(ops, bits, idx, p), jnp.float32)
+    finite = jnp.isfinite(x)
+    overflow = jnp.sum(finite & ((~jnp.isfinite(y)) | (jnp.abs(x) > fmt.max)))
+    underflow = jnp.sum((x != 0) & (y == 0))
+    return y, jnp.stack([n, overflow.astype(jnp.int32), underflow.astype(jnp.int32),
+                         jnp.sum(~finite).astype(jnp.int32)])
+
+
+def _keys(seed: Any, step: Any, site: int) -> tuple[Any, Any]:
+    """Stochastic-rounding keys of one parameter write: a hash of (seed, step, write)."""
+    def mul(x: Any, k: int) -> Any:
+        return x * jnp.uint32(k)
+
+    base = seed.astype(jnp.uint32) * jnp.uint32(0x9E3779B9) + jnp.uint32(
+        (site * 0x85EBCA6B) & 0xFFFFFFFF)
+    k0 = _lowbias32(_lowbias32(base, mul) ^ step.astype(jnp.uint32), mul)
+    return k0, _lowbias32(k0 + jnp.uint32(0x6A09E667), mul)
+
+
+@dataclass
+class Counts:
+    """Telemetry in the torch engine's layout (``Telemetry.to_dict``)."""
+
+    rounding: dict[str, list[int]]
+    updates_attempted: int = 0
+    updates_lost: int = 0
+    skipped_steps: int = 0
+
+    def add(self, key: str, c: Any) -> None:
+        row = self.rounding.setdefault(key, [0, 0, 0, 0])
+        for i, v in enumerate(np.asarray(c).tolist()):
+            row[i] += int(v)
+
+    def add_emulated(self, totals: dict[str, Any]) -> None:
+        for k, v in totals.items():
+            self.add(k, [v["elements"], v["overflow"], v["underflow"], v["nonfinite"]])
+
+    def to_dict(self, loss_scale: list[float]) -> dict[str, Any]:
+        lost = self.updates_lost / self.updates_attempted if self.updates_attempted else 0.0
+        return {"rounding": {k: dict(zip(("elements", "overflow", "underflow", "nonfinite"),
+                                         v, strict=True))
+                             for k, v in sorted(self.rounding.items()) if v[0]},
+                "updates_attempted": self.updates_attempted,
+                "updates_lost": self.updates_lost, "lost_update_fraction": lost,
+                "loss_scale": loss_scale, "skipped_steps": self.skipped_steps,
+                "execution": "jit"}
+
+
+# compiled steps by what determines them (pipeline, optimizer, recipe, formats): a compare's
+# cells on backends with the same numerics share one compilation
+_PROGRAMS: dict[Any, tuple[Any, Any, Any, Any]] = {}
+
+
+class Trainer:
+    """A JAX twin trained under a lowered recipe (see the module docstring)."""
+
+    def __init__(self, jp: JaxPipeline, lowered: Lowered, seed: int) -> None:
+        check(lowered)
+        self.jp, self.lowered, self.seed = jp, lowered, seed
+        spec, r = lowered.backend, lowered.recipe
+        def fmt(name: str | None) -> FloatFormat | None:
+            return compute_format(spec, name)
+
+        self.weights, self.grads = fmt(r.weights), fmt(r.gradients)
+        self.master = fmt(r.master_weights) if r.master_weights else None
+        self.state = fmt(r.optimizer_state)
+        self.has_master = r.master_weights is not None
+        self.rounding = Rounding(r.update_rounding)
+        self.rbits = spec.precision.stochastic_rounding_bits or 23
+        self.native_update = (self.master if self.has_master else self.weights) is None \
+            and self.state is None
+        self.counts = Counts({})
+        self.scale = r.loss_scaling.init_scale if r.loss_scaling else 1.0
+        self.loss_scale: list[float] = []
+        self._growth = 0
+        self.steps_applied = 0
+
+        key = (jp.torch.key(), jp.adamw, r, self.weights, self.grads, self.master,
+               self.state, self.rounding, self.rbits, self.has_master,
+               spec.precision.accumulators.get(r.matmul_input),
+               spec.precision.accumulation_interval, spec.precision.flush_to_zero,
+               tuple(compute_format(spec, n) for n in (r.matmul_input, r.backward_input,
+                                                       r.activations)))
+        cached = _PROGRAMS.get(key)
+        if cached is not None:  # the same program: compiled once per process
+            self._fb, self._evaluate, self._update, self._cast = cached
+            return
+
+        def scaled(params: Any, batch: Any, scale: Any) -> tuple[Any, Any]:
+            value, vjp = jax.vjp(lambda q: jp.loss(q, batch), params)
+            return value, vjp(scale.astype(value.dtype))[0]  # the scale seeds backward
+
+        fb = emulate(scaled, spec, r)
+
+        def forward_backward(params: Any, batch: Any, scale: Any) -> Any:
+            (value, grads), totals = fb.with_telemetry(params, batch, scale)
+            rounded = {k: _counted(g, self.grads) for k, g in grads.items()}
+            counts = sum(c for _, c in rounded.values())
+            grads = {k: g for k, (g, _) in rounded.items()}
+            finite = jnp.all(jnp.stack([jnp.isfinite(g).all() for g in grads.values()]))
+            return value, grads, totals, counts, finite
+
+        self._fb = jax.jit(forward_backward)
+        self._evaluate = jax.jit(emulate(jp.evaluate, spec, r).with_telemetry)
+        self._update = jax.jit(self._update_fn)
+
+        def cast(master: Any) -> Any:
+            out = {k: _counted(v, self.weights) for k, v in master.items()}
+            return {k: v for k, (v, _) in out.items()}, sum(c for _, c in out.values())
+
+        self._cast = jax.jit(cast)
+        if len(_PROGRAMS) >= 32:
+            _PROGRAMS.pop(next(iter(_PROGRAMS)))
+        _PROGRAMS[key] = (self._fb, self._evaluate, self._update, self._cast)
+
+    # -- parameters -----------------------------------------------------------------------
+    def prepare(self, init: dict[str, np.ndarray]) -> tuple[Any, Any, Any]:
+        """(compute params in the weights format, master params or None, AdamW state)."""
+        params = {k: jnp.asarray(v, jnp.float32) for k, v in init.items()}
+        master = None
+        if self.has_master:
+            master = {k: self._round(v, self.master, "init/master") for k, v in params.items()}
+        params = {k: self._round(v, self.weights, "init/weights") for k, v in params.items()}
+        target = master if master is not None else params
+        state = {"m": {k: jnp.zeros_like(v) for k, v in target.items()},
+                 "v": {k: jnp.zeros_like(v) for k, v in target.items()}}
+        return params, master, state
+
+    def _round(self, x: Any, fmt: FloatFormat | None, key: str) -> Any:
+        y, c = _counted(x, fmt)
+        self.counts.add(key, c)
+        return y
+
+    # -- the step -------------------------------------------------------------------------
+    def evaluate(self, params: Any) -> dict[str, float]:
+        metrics, totals = self._evaluate(params)
+        self.counts.add_emulated({k: v for k, v in totals.items()})
+        return {k: float(v) for k, v in metrics.items()}
+
+    def step(self, params: Any, master: Any, state: Any, batch: Any,
+             index: int) -> tuple[float, Any, Any, Any]:
+        """One training step; returns (loss, params, master, state)."""
+        value, grads, totals, counts, finite = self._fb(params, batch,
+                                                        jnp.float32(self.scale))
+        totals = jax.device_get(totals)
+        self.counts.add_emulated(totals)
+        self.counts.add("backward/gradients", counts)
+        if self._skip(bool(finite), totals):
+            return float(value), params, master, state
+        unscale = jnp.float32(1.0 / self.scale)
+        lr = self.jp.adamw.lr
+        if self.lowered.recipe.warmup_steps:
+            lr *= min(1.0, (self.steps_applied + 1) / self.lowered.recipe.warmup_steps)
+        target = master if master is not None else params
+        new, state, counts = self._update(target, grads, state, jnp.int32(self.steps_applied + 1),
+                                          jnp.float32(lr), jnp.int32(index), unscale,
+                                          jnp.int32(self.seed & 0x7FFFFFFF))
+        self.steps_applied += 1
+        if not self.native_update:
+            c = np.asarray(counts)
+            self.counts.add("optimizer/weights", c[0])
+            self.counts.add("optimizer/state", c[1])
+            self.counts.updates_attempted += int(c[2, 0])
+            self.counts.updates_lost += int(c[2, 1])
+        if master is not None:
+            master = new
+            params, c = self._cast(new)
+            self.counts.add("optimizer/weights_cast", c)
+        else:
+            params = new
+        return float(value), params, master, state
+
+    def _skip(self, finite: bool, totals: dict[str, Any]) -> bool:
+        """GradScaler's update; True when the step must be skipped."""
+        policy = self.lowered.recipe.loss_scaling
+        if policy is None:
+            return False
+        self.loss_scale.append(self.scale)
+        if policy.check == "overflow_flags":
+            found = any(int(v["overflow"]) + int(v["nonfinite"]) > 0
+                        for k, v in totals.items() if k.startswith("backward/"))
+        else:
+            found = not finite
+        self.scale, self._growth = policy.after(self.scale, self._growth, found)
+        self.counts.skipped_steps += found
+        return found
+
+    def _update_fn(self, params: Any, grads: Any, state: Any, t: Any, lr: Any,
+                   index: Any, unscale: Any, seed: Any) -> tuple[Any, Any, Any]:
+        """torch's single-tensor AdamW, each write rounded as the torch engine rounds it:
+        parameter writes to the target format with the update rounding, state writes (and
+        the optimizer's other results) to the state format."""
+        a = self.jp.adamw
+        b1, b2 = a.betas
+        target = self.master if self.has_master else self.weights
+        zero = jnp.zeros(4, jnp.int32)
+        w_counts, s_counts, lost = [zero], [zero], [jnp.zeros(2, jnp.int32)]
+        site = [0]
+
+        def write(old: Any, exact: Any) -> Any:  # a parameter written in place
+            site[0] += 1
+            key = _keys(seed, index, site[0])
+            y, c = _counted(exact, target, self.rounding, key, self.rbits)
+            w_counts.append(c)
+            changed = exact != old
+            lost.append(jnp.stack([jnp.sum(changed), jnp.sum(changed & (y == old))]
+                                  ).astype(jnp.int32))
+            return y
+
+        def st(x: Any) -> Any:  # a state write, or another result of the optimizer
+            y, c = _counted(x, self.state)
+            s_counts.append(c)
+            return y
+
+        tf = t.astype(jnp.float32)
+        # 1 - b**t without float32's cancellation (torch computes it in float64)
+        bc1, bc2 = -jnp.expm1(tf * math.log(b1)), -jnp.expm1(tf * math.log(b2))
+        step_size = lr / bc1
+        new_p, new_m, new_v = {}, {}, {}
+        for k in sorted(params):
+            p, g, m, v = params[k], grads[k] * unscale, state["m"][k], state["v"][k]
+            if a.weight_decay:
+                p = write(p, p * (1 - lr * a.weight_decay))
+            m = st(m + (1 - b1) * (g - m))  # lerp_(grad, 1 - beta1)
+            v = st(st(v * b2) + (1 - b2) * g * g)  # mul_(beta2).addcmul_(grad, grad)
+            denom = st(st(st(jnp.sqrt(v)) / jnp.sqrt(bc2)) + a.eps)
+            p = write(p, p + (-step_size) * m / denom)  # addcdiv_(exp_avg, denom, -step)
+            new_p[k], new_m[k], new_v[k] = p, m, v
+        counts = jnp.stack([sum(w_counts), sum(s_counts),
+                            jnp.concatenate([sum(lost), jnp.zeros(2, jnp.int32)])])
+        return new_p, {"m": new_m, "v": new_v}, counts
+
+
+def train(jp: JaxPipeline, lowered: Lowered, seed: int,
+          progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
+    """Train ``jp`` under ``lowered``: curve, metrics, initial metrics, telemetry, params."""
+    from hwport.engine import seeded
+
+    trainer = Trainer(jp, lowered, seed)
+    with seeded(seed):  # the torch model's initial weights, as the torch run draws them
+        init = jp.init()
+    params, master, state = trainer.prepare(init)
+    initial = trainer.evaluate(params)
+    batches = jp.batches(seed)
+    curve: list[dict[str, float]] = []
+    finite = True
+    for step in range(jp.steps):
+        loss, params, master, state = trainer.step(params, master, state, next(batches), step)
+        point: dict[str, float] = {"step": step + 1, "loss": loss}
+        finite = math.isfinite(loss)
+        last = step + 1 == jp.steps or not finite
+        if (step + 1) % jp.eval_every == 0 or last:
+            point.update(trainer.evaluate(params))
+        curve.append(point)
+        if progress:
+            progress(step + 1, jp.steps)
+        if not finite:
+            break
+    metrics = {k: v for k, v in curve[-1].items() if k not in ("step", "loss")}
+    return {"curve": curve, "metrics": metrics, "initial": initial, "finite": finite,
+            "telemetry": trainer.counts.to_dict(trainer.loss_scale), "params": params}
+
+
+def infer(jp: JaxPipeline, lowered: Lowered, params: Any) -> dict[str, Any]:
+    """The trained ``params`` served under ``lowered``: logits, metrics, telemetry."""
+    check(lowered)
+    spec, r = lowered.backend, lowered.recipe
+    fmt = compute_format(spec, r.weights)
+    counts = Counts({})
+    stored = {}
+    for k, v in params.items():
+        stored[k], c = _counted(jnp.asarray(v), fmt)
+        counts.add("init/weights", c)
+    key = ("infer", jp.torch.key(), r, fmt, spec.precision.accumulators.get(r.matmul_input),
+           spec.precision.accumulation_interval, spec.precision.flush_to_zero,
+           tuple(compute_format(spec, n) for n in (r.matmul_input, r.activations)))
+    programs = _PROGRAMS.get(key)
+    if programs is None:
+        programs = (jax.jit(emulate(jp.predict, spec, r).with_telemetry),
+                    jax.jit(emulate(jp.evaluate, spec, r).with_telemetry), None, None)
+        _PROGRAMS[key] = programs
+    logits, t1 = programs[0](stored)
+    metrics, t2 = programs[1](stored)
+    counts.add_emulated(t1)
+    counts.add_emulated(t2)
+    return {"logits": np.asarray(logits, np.float64),
+            "metrics": {k: float(v) for k, v in metrics.items()},
+            "telemetry": counts.to_dict([])}
+
+
+__all__ = ["Trainer", "check", "infer", "train"]

@@ -1,0 +1,94 @@
+"""--framework jax: the pipelines' JAX twins through the JAX engine, against torch's."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from test_cli import hwport_cli
+
+from hwport import plugins, porting, runner
+from hwport.errors import HwportError
+
+BACKENDS = ["reference", "simgpu", "dojo", "dataflow"]
+LM = {"d_model": 32, "layers": 1, "context": 16, "batch_size": 8, "eval_windows": 4}
+
+
+def outcomes(framework: str, pipeline: str, steps: int, options: dict[str, object],
+             recipe: str = "amp-bf16") -> dict[tuple[str, str], runner.RunResult]:
+    p = runner.resolve_pipeline(pipeline, steps, options)
+    return {(b, m): runner.run(b, p, m, recipe, framework=framework)
+            for b in BACKENDS for m in runner.MODES}
+
+
+@pytest.mark.parametrize(("pipeline", "steps", "options"), [
+    ("digits", 60, {}), ("lm", 30, LM)], ids=["digits", "lm"])
+def test_torch_and_jax_agree_on_every_outcome(pipeline: str, steps: int,
+                                              options: dict[str, object],
+                                              reference_cache: Path) -> None:
+    torch_cells = outcomes("torch", pipeline, steps, options)
+    jax_cells = outcomes("jax", pipeline, steps, options)
+    for key, t in torch_cells.items():
+        j = jax_cells[key]
+        assert (j.framework, t.framework) == ("jax", "torch")
+        assert j.outcome == t.outcome, (key, t.metrics, j.metrics)
+        assert j.lowering == t.lowering
+        assert j.memory == t.memory and j.time == t.time  # the same model on the same chip
+    # the twins are the same program: their fp32 references agree closely
+    ref_t, ref_j = torch_cells["reference", "train"], jax_cells["reference", "train"]
+    assert ref_j.reference_metrics["val_loss"] == pytest.approx(
+        ref_t.reference_metrics["val_loss"], rel=2e-3)
+    # and the numerics are really emulated: dojo's bf16 is not the reference's fp32
+    assert jax_cells["dojo", "train"].telemetry["rounding"]
+    assert jax_cells["dojo", "train"].metrics != jax_cells["reference", "train"].metrics
+
+
+def test_pure_bf16_loses_the_same_share_of_updates(reference_cache: Path) -> None:
+    """Each AdamW write is rounded as the torch engine rounds it: the share of weight
+    updates lost to bf16 agrees."""
+    p = runner.resolve_pipeline("digits", 20)
+    t = runner.run("dojo", p, "train", "pure-bf16")
+    j = runner.run("dojo", p, "train", "pure-bf16", framework="jax")
+    assert j.outcome == t.outcome
+    assert j.telemetry["updates_attempted"] == pytest.approx(
+        t.telemetry["updates_attempted"], rel=0.01)
+    assert j.telemetry["lost_update_fraction"] == pytest.approx(
+        t.telemetry["lost_update_fraction"], abs=0.02)
+
+
+def test_stochastic_updates_are_reproducible(reference_cache: Path) -> None:
+    fix = plugins.registry().mitigations["stochastic-updates"]
+    recipe = fix.apply(plugins.registry().recipe("pure-bf16"))
+    p = runner.resolve_pipeline("digits", 10)
+    a, b = (runner.run("dojo", p, "train", recipe, framework="jax") for _ in range(2))
+    other = runner.run("dojo", p, "train", recipe, framework="jax", seed=1)
+    nearest = runner.run("dojo", p, "train", "pure-bf16", framework="jax")
+    strip = {"wall_s"}
+    assert {k: v for k, v in a.to_dict().items() if k not in strip} == \
+        {k: v for k, v in b.to_dict().items() if k not in strip}
+    assert a.curve != other.curve and a.curve != nearest.curve
+    assert a.telemetry["lost_update_fraction"] < nearest.telemetry["lost_update_fraction"]
+
+
+def test_what_the_jax_engine_does_not_model_is_refused(reference_cache: Path) -> None:
+    with pytest.raises(HwportError, match="per-tensor FP8 scaling on backend 'simgpu', which "
+                                          "--framework jax does not model yet"):
+        runner.run("simgpu", "digits", "train", "fp8-hybrid", steps=5, framework="jax")
+    with pytest.raises(HwportError, match="pipeline 'tiny-gradients' has no JAX twin"):
+        runner.run("dojo", "tiny-gradients", "train", steps=5, framework="jax")
+    with pytest.raises(HwportError, match="data parallelism in JAX is not built yet"):
+        runner.run("dojo", "digits", "train", steps=5, framework="jax", world_size=2)
+    with pytest.raises(HwportError, match="framework 'flax': must be one of"):
+        runner.run("dojo", "digits", "train", steps=5, framework="flax")
+
+
+def test_port_and_cli_take_the_framework(reference_cache: Path, tmp_path: Path) -> None:
+    r = porting.port("dojo", "digits", "amp-bf16", "infer", steps=20, framework="jax")
+    assert r.effort == 0
+    out = tmp_path / "run.json"
+    cli = hwport_cli("run", "-b", "dataflow", "-p", "digits", "--steps", "20", "--framework",
+                     "jax", "--json", out, "--no-store")
+    assert cli.returncode == 0, cli.stderr
+    data = json.loads(out.read_text())
+    assert data["framework"] == "jax" and data["outcome"] == "converged"
