@@ -604,10 +604,9 @@ def _session(kind: str, rec: Any, seed: int, steps: int | None, world_size: int,
 
 
 def _report_observer_failures() -> None:
-    for f in plugins.registry().failures:
-        if "observers were switched off" in f.reason:
-            err.print(f"[yellow]plugin {escape(repr(f.plugin))} ({escape(f.origin)}) failed "
-                      f"and was skipped:[/] {escape(f.reason)}", highlight=False)
+    for f in plugins.registry().observers.failed:
+        err.print(f"[yellow]plugin {escape(repr(f.plugin))} ({escape(f.origin)}) failed "
+                  f"and was skipped:[/] {escape(f.reason)}", highlight=False)
 
 
 def _show_trial(t: Any) -> None:

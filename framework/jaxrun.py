@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import jax
@@ -30,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from hwport.engine import Telemetry, seeded
 from hwport.errors import HwportError
 from hwport.formats import FloatFormat
 from hwport.jax import emulate
@@ -99,33 +99,27 @@ def _keys(seed: Any, step: Any, site: int) -> tuple[Any, Any]:
     return k0, _lowbias32(k0 + jnp.uint32(0x6A09E667), mul)
 
 
-@dataclass
-class Counts:
-    """Telemetry in the torch engine's layout (``Telemetry.to_dict``)."""
+def _add(t: Telemetry, key: str, c: Any) -> None:
+    """Add one [elements, overflow, underflow, nonfinite] row to ``t.rounding[key]``."""
+    n, *rest = (int(v) for v in np.asarray(c).tolist())
+    t.rounding[key].add(n, rest)
 
-    rounding: dict[str, list[int]]
-    updates_attempted: int = 0
-    updates_lost: int = 0
-    skipped_steps: int = 0
 
-    def add(self, key: str, c: Any) -> None:
-        row = self.rounding.setdefault(key, [0, 0, 0, 0])
-        for i, v in enumerate(np.asarray(c).tolist()):
-            row[i] += int(v)
+def _add_emulated(t: Telemetry, totals: dict[str, Any]) -> None:
+    """Add :meth:`hwport.jax.Telemetry.totals` to ``t``."""
+    for k, v in totals.items():
+        _add(t, k, [v["elements"], v["overflow"], v["underflow"], v["nonfinite"]])
 
-    def add_emulated(self, totals: dict[str, Any]) -> None:
-        for k, v in totals.items():
-            self.add(k, [v["elements"], v["overflow"], v["underflow"], v["nonfinite"]])
 
-    def to_dict(self, loss_scale: list[float]) -> dict[str, Any]:
-        lost = self.updates_lost / self.updates_attempted if self.updates_attempted else 0.0
-        return {"rounding": {k: dict(zip(("elements", "overflow", "underflow", "nonfinite"),
-                                         v, strict=True))
-                             for k, v in sorted(self.rounding.items()) if v[0]},
-                "updates_attempted": self.updates_attempted,
-                "updates_lost": self.updates_lost, "lost_update_fraction": lost,
-                "loss_scale": loss_scale, "skipped_steps": self.skipped_steps,
-                "execution": "jit"}
+def _numerics(lowered: Lowered) -> tuple[Any, ...]:
+    """What an emulated program depends on: the lowered recipe and the formats it computes
+    in on this backend (two backends with the same numerics share a compilation)."""
+    spec, r = lowered.backend, lowered.recipe
+    names = (r.matmul_input, r.backward_input, r.activations, r.weights, r.gradients,
+             r.master_weights, r.optimizer_state,
+             spec.precision.accumulators.get(r.matmul_input, "fp32"))
+    return (r, tuple(compute_format(spec, n) for n in names),
+            spec.precision.accumulation_interval)
 
 
 # compiled steps by what determines them (pipeline, optimizer, recipe, formats): a compare's
@@ -151,18 +145,12 @@ class Trainer:
         self.rbits = spec.precision.stochastic_rounding_bits or 23
         self.native_update = (self.master if self.has_master else self.weights) is None \
             and self.state is None
-        self.counts = Counts({})
+        self.telemetry = Telemetry(execution="jit")
         self.scale = r.loss_scaling.init_scale if r.loss_scaling else 1.0
-        self.loss_scale: list[float] = []
         self._growth = 0
         self.steps_applied = 0
 
-        key = (jp.torch.key(), jp.adamw, r, self.weights, self.grads, self.master,
-               self.state, self.rounding, self.rbits, self.has_master,
-               spec.precision.accumulators.get(r.matmul_input),
-               spec.precision.accumulation_interval, spec.precision.flush_to_zero,
-               tuple(compute_format(spec, n) for n in (r.matmul_input, r.backward_input,
-                                                       r.activations)))
+        key = ("train", jp.torch.key(), jp.adamw, _numerics(lowered), self.rbits)
         cached = _PROGRAMS.get(key)
         if cached is not None:  # the same program: compiled once per process
             self._fb, self._evaluate, self._update, self._cast = cached
@@ -210,13 +198,13 @@ class Trainer:
 
     def _round(self, x: Any, fmt: FloatFormat | None, key: str) -> Any:
         y, c = _counted(x, fmt)
-        self.counts.add(key, c)
+        _add(self.telemetry, key, c)
         return y
 
     # -- the step -------------------------------------------------------------------------
     def evaluate(self, params: Any) -> dict[str, float]:
         metrics, totals = self._evaluate(params)
-        self.counts.add_emulated({k: v for k, v in totals.items()})
+        _add_emulated(self.telemetry, totals)
         return {k: float(v) for k, v in metrics.items()}
 
     def step(self, params: Any, master: Any, state: Any, batch: Any,
@@ -225,8 +213,8 @@ class Trainer:
         value, grads, totals, counts, finite = self._fb(params, batch,
                                                         jnp.float32(self.scale))
         totals = jax.device_get(totals)
-        self.counts.add_emulated(totals)
-        self.counts.add("backward/gradients", counts)
+        _add_emulated(self.telemetry, totals)
+        _add(self.telemetry, "backward/gradients", counts)
         if self._skip(bool(finite), totals):
             return float(value), params, master, state
         unscale = jnp.float32(1.0 / self.scale)
@@ -240,14 +228,14 @@ class Trainer:
         self.steps_applied += 1
         if not self.native_update:
             c = np.asarray(counts)
-            self.counts.add("optimizer/weights", c[0])
-            self.counts.add("optimizer/state", c[1])
-            self.counts.updates_attempted += int(c[2, 0])
-            self.counts.updates_lost += int(c[2, 1])
+            _add(self.telemetry, "optimizer/weights", c[0])
+            _add(self.telemetry, "optimizer/state", c[1])
+            self.telemetry.updates_attempted += int(c[2, 0])
+            self.telemetry.updates_lost += int(c[2, 1])
         if master is not None:
             master = new
             params, c = self._cast(new)
-            self.counts.add("optimizer/weights_cast", c)
+            _add(self.telemetry, "optimizer/weights_cast", c)
         else:
             params = new
         return float(value), params, master, state
@@ -257,14 +245,14 @@ class Trainer:
         policy = self.lowered.recipe.loss_scaling
         if policy is None:
             return False
-        self.loss_scale.append(self.scale)
+        self.telemetry.loss_scale.append(self.scale)
         if policy.check == "overflow_flags":
             found = any(int(v["overflow"]) + int(v["nonfinite"]) > 0
                         for k, v in totals.items() if k.startswith("backward/"))
         else:
             found = not finite
         self.scale, self._growth = policy.after(self.scale, self._growth, found)
-        self.counts.skipped_steps += found
+        self.telemetry.skipped_steps += found
         return found
 
     def _update_fn(self, params: Any, grads: Any, state: Any, t: Any, lr: Any,
@@ -316,8 +304,6 @@ class Trainer:
 def train(jp: JaxPipeline, lowered: Lowered, seed: int,
           progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
     """Train ``jp`` under ``lowered``: curve, metrics, initial metrics, telemetry, params."""
-    from hwport.engine import seeded
-
     trainer = Trainer(jp, lowered, seed)
     with seeded(seed):  # the torch model's initial weights, as the torch run draws them
         init = jp.init()
@@ -340,7 +326,7 @@ def train(jp: JaxPipeline, lowered: Lowered, seed: int,
             break
     metrics = {k: v for k, v in curve[-1].items() if k not in ("step", "loss")}
     return {"curve": curve, "metrics": metrics, "initial": initial, "finite": finite,
-            "telemetry": trainer.counts.to_dict(trainer.loss_scale), "params": params}
+            "telemetry": trainer.telemetry.to_dict(), "params": params}
 
 
 def infer(jp: JaxPipeline, lowered: Lowered, params: Any) -> dict[str, Any]:
@@ -348,14 +334,12 @@ def infer(jp: JaxPipeline, lowered: Lowered, params: Any) -> dict[str, Any]:
     check(lowered)
     spec, r = lowered.backend, lowered.recipe
     fmt = compute_format(spec, r.weights)
-    counts = Counts({})
+    telemetry = Telemetry(execution="jit")
     stored = {}
     for k, v in params.items():
         stored[k], c = _counted(jnp.asarray(v), fmt)
-        counts.add("init/weights", c)
-    key = ("infer", jp.torch.key(), r, fmt, spec.precision.accumulators.get(r.matmul_input),
-           spec.precision.accumulation_interval, spec.precision.flush_to_zero,
-           tuple(compute_format(spec, n) for n in (r.matmul_input, r.activations)))
+        _add(telemetry, "init/weights", c)
+    key = ("infer", jp.torch.key(), _numerics(lowered))
     programs = _PROGRAMS.get(key)
     if programs is None:
         programs = (jax.jit(emulate(jp.predict, spec, r).with_telemetry),
@@ -363,11 +347,11 @@ def infer(jp: JaxPipeline, lowered: Lowered, params: Any) -> dict[str, Any]:
         _PROGRAMS[key] = programs
     logits, t1 = programs[0](stored)
     metrics, t2 = programs[1](stored)
-    counts.add_emulated(t1)
-    counts.add_emulated(t2)
+    _add_emulated(telemetry, t1)
+    _add_emulated(telemetry, t2)
     return {"logits": np.asarray(logits, np.float64),
             "metrics": {k: float(v) for k, v in metrics.items()},
-            "telemetry": counts.to_dict([])}
+            "telemetry": telemetry.to_dict()}
 
 
 __all__ = ["Trainer", "check", "infer", "train"]

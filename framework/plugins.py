@@ -243,6 +243,7 @@ class Observers:
     def __init__(self, registry: Registry) -> None:
         self.registry = registry
         self.off: set[str] = set()
+        self.failed: list[PluginFailure] = []  # also in registry.failures
 
     def started(self, run: RunInfo) -> None:
         self._notify("hwport_run_started", {"run": run})
@@ -262,9 +263,10 @@ class Observers:
                 raise
             except BaseException as e:  # the observer's fault: report it, keep running
                 self.off.add(name)
-                reg.failures.append(PluginFailure(
-                    name, reg.origins.get(name, "?"),
-                    f"{hook}() raised {_describe(e)}; its observers were switched off"))
+                failure = PluginFailure(name, reg.origins.get(name, "?"), f"{hook}() raised "
+                                        f"{_describe(e)}; its observers were switched off")
+                self.failed.append(failure)
+                reg.failures.append(failure)
 
 
 def _manager() -> pluggy.PluginManager:

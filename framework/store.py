@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from hwport.errors import HwportError
+from hwport.memory import finite, infinite
 
 if TYPE_CHECKING:
     from hwport.pipeline import Pipeline
@@ -190,8 +191,6 @@ class StoredRun:
 # -- identity -----------------------------------------------------------------------------
 def digest(data: Any) -> str:
     """sha256 of ``data`` as canonical JSON (sorted keys, non-finite numbers as strings)."""
-    from hwport.memory import finite
-
     blob = json.dumps(finite(data), sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(blob.encode()).hexdigest()
 
@@ -467,7 +466,7 @@ class Store:
         d = result.to_dict()
         curve, ref_curve = d.pop("curve"), d.pop("reference_curve")
         telemetry, memory, step_time = d.pop("telemetry"), d.pop("memory"), d.pop("time")
-        points = [(series, int(point["step"]), name, _real(_float(v)))
+        points = [(series, int(point["step"]), name, _real(infinite(v)))
                   for series, pts in (("backend", curve), ("reference", ref_curve))
                   for point in pts for name, v in point.items() if name != "step"]
         blobs = [json.dumps(x, allow_nan=False) for x in (telemetry, memory, step_time, d)]
@@ -578,10 +577,11 @@ class Store:
 
     def record(self, run_id: int) -> RunRecord:
         """The run with this id; an unknown id says which ids the store has."""
-        for r in self.runs():
+        runs = self.runs()
+        for r in runs:
             if r.id == run_id:
                 return r
-        ids = [r.id for r in self.runs()]
+        ids = [r.id for r in runs]
         have = (f"it has runs {min(ids)}-{max(ids)}" if len(ids) > 1 else
                 f"it has run {ids[0]}" if ids else "it has no runs")
         raise StoreError(f"run {run_id} is not in store {self.path} ({have}; see hwport runs "
@@ -634,10 +634,6 @@ def _statements(script: str) -> list[str]:
     if current.strip():
         out.append(current.strip())
     return out
-
-
-def _float(v: Any) -> Any:
-    return float(v) if isinstance(v, str) and v in ("inf", "-inf", "nan") else v
 
 
 class Session:

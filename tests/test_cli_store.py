@@ -62,8 +62,9 @@ def test_diff_names_what_changed(stored: Path) -> None:
     assert d["settings"] == [["params.backends", ["reference", "dojo"],
                               ["reference", "dojo", "dataflow"]]]
     code, text = invoke("diff", "2", "3", "--store", str(stored))
-    assert code == 0 and "recipe activations: 'bf16' -> 'bf16'" not in text
-    assert "recipe name: 'amp-bf16' -> 'pure-bf16'" in text
+    assert code == 0 and "recipe name: 'amp-bf16' -> 'pure-bf16'" in text
+    assert "recipe fp32_ops: " in text  # pure-bf16 keeps nothing in fp32; amp-bf16 does
+    assert "recipe autocast: True -> False" in text
     assert "setting kind: 'compare' -> 'port'" in text
 
 
