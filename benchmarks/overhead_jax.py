@@ -8,7 +8,8 @@ Both sides run the same batches from the same weights, interleaved step by step 
 warm-up (compilation excluded), and the medians are compared:
 
 * forward-backward: ``jit(value_and_grad(loss))`` against the emulated program
-  (``hwport.jax.emulate``) with its telemetry;
+  (``hwport.jax.emulate``) with its telemetry (the JAX engine's program), and without it
+  (``jit(emulate(...))`` called plainly: the counts are unused, XLA drops them);
 * the whole training step: that plus AdamW (native: one jitted update; emulated: the
   JAX engine's :class:`hwport.jaxrun.Trainer` step, gradient rounding, loss scaling and
   rounded optimizer writes included).
@@ -26,6 +27,7 @@ import jax.numpy as jnp
 
 from hwport import plugins, runner
 from hwport.engine import seeded
+from hwport.jax import emulate
 from hwport.jaxrun import Trainer
 from hwport.pipelines.jaxnets import twin
 from hwport.recipes import lower
@@ -50,6 +52,12 @@ def main() -> None:
     state = jp.adamw.init_state(params)
 
     trainer = Trainer(jp, lowered, 0)
+
+    def scaled(params: Any, batch: Any, scale: Any) -> Any:
+        value, vjp = jax.vjp(lambda q: jp.loss(q, batch), params)
+        return value, vjp(scale)[0]
+
+    numerics_only = jax.jit(emulate(scaled, lowered.backend, lowered.recipe))
     e_params, e_master, e_state = trainer.prepare(init)
 
     def native_step(params: Any, state: Any, batch: Any) -> tuple[Any, Any]:
@@ -59,6 +67,7 @@ def main() -> None:
         return params, state
 
     fb_times: dict[str, list[float]] = {"native": [], "emulated": []}
+    bare_times: dict[str, list[float]] = {"native": [], "emulated": []}
     step_times: dict[str, list[float]] = {"native": [], "emulated": []}
     for i, batch in enumerate(data):
         t0 = time.perf_counter()
@@ -71,12 +80,17 @@ def main() -> None:
         _, e_params, e_master, e_state = trainer.step(e_params, e_master, e_state, batch, i)
         jax.block_until_ready(e_params)
         t4 = time.perf_counter()
+        jax.block_until_ready(numerics_only(e_params, batch, jnp.float32(1.0)))
+        t5 = time.perf_counter()
         if i >= 3:  # the first steps compile
+            bare_times["native"].append(t1 - t0)
+            bare_times["emulated"].append(t5 - t4)
             fb_times["native"].append(t1 - t0)
             fb_times["emulated"].append(t2 - t1)
             step_times["native"].append(t3 - t2)
             step_times["emulated"].append(t4 - t3)
-    for name, times in (("forward-backward", fb_times), ("training step", step_times)):
+    for name, times in (("forward-backward, numerics only", bare_times),
+                        ("forward-backward", fb_times), ("training step", step_times)):
         n, e = statistics.median(times["native"]), statistics.median(times["emulated"])
         print(f"lm {name} on {args.backend} ({args.recipe}): native {n * 1e3:.2f} ms, "
               f"emulated {e * 1e3:.2f} ms, ratio {e / n:.2f}")

@@ -47,7 +47,7 @@ from hwport import plugins
 from hwport.errors import HwportError
 from hwport.formats import FloatFormat
 from hwport.recipes import Lowered, Recipe, compute_format, lower
-from hwport.rounding import KernelParams, Rounding, _JaxOps, _kernel, kernel_params
+from hwport.rounding import KernelParams, Rounding, kernel_params, round_jax, tally_jax
 from hwport.spec import BackendSpec
 
 __all__ = ["Emulated", "UnsupportedPrimitive", "emulate"]
@@ -116,15 +116,11 @@ def _float(x: Any) -> bool:
 @cache
 def _rounder(p: KernelParams) -> Callable[[Any], Any]:
     """Round a float32/float64 array as ``p`` says; the tangent passes straight through."""
-    ops = _JaxOps(p.width)
     ftype = jnp.float32 if p.width == 32 else jnp.float64
 
     @jax.custom_jvp
     def rnd(x: Any) -> Any:
-        src = x.astype(ftype)
-        bits = lax.bitcast_convert_type(src, ops.itype)
-        idx = lax.iota(jnp.int32, src.size).reshape(src.shape)
-        return lax.bitcast_convert_type(_kernel(ops, bits, idx, p), ftype).astype(x.dtype)
+        return round_jax(x.astype(ftype), p, quiet=False).astype(x.dtype)
 
     @rnd.defjvp
     def _jvp(primals: tuple[Any, ...], tangents: tuple[Any, ...]) -> tuple[Any, Any]:
@@ -159,7 +155,14 @@ class _Ctx:
     telemetry: Telemetry
     fmts: dict[str, FloatFormat | None]
     accumulator: FloatFormat | None
-    interval: int
+    interval: int | None
+    # matmul operands rounded so far, by (id, format): (value, its rounded copy); backward
+    # finds the forward's copy, as autocast's cast cache serves the torch engine
+    copies: dict[tuple[int, str], tuple[Any, Any]] = field(default_factory=dict)
+
+    def inner(self, telemetry: Telemetry) -> _Ctx:
+        """The context of a nested trace (its own telemetry; no values of this trace)."""
+        return dataclasses.replace(self, telemetry=telemetry, copies={})
 
     @property
     def recipe(self) -> Recipe:
@@ -177,11 +180,9 @@ def _round(ctx: _Ctx, x: Any, fmt: FloatFormat | None, key: str) -> Any:
     width = 64 if x.dtype == jnp.float64 else 32
     p = kernel_params(fmt, width, Rounding.NEAREST, None, None, 23)
     y = _rounder(p)(x)
-    xs, ys = lax.stop_gradient(x), lax.stop_gradient(y)
-    finite = jnp.isfinite(xs)
-    overflow = jnp.sum(finite & ((~jnp.isfinite(ys)) | (jnp.abs(xs) > fmt.max)))
-    underflow = jnp.sum((xs != 0) & (ys == 0))
-    ctx.telemetry.add(key, overflow, underflow, int(x.size), jnp.sum(~finite))
+    ftype = jnp.float32 if width == 32 else jnp.float64
+    overflow, underflow, nonfinite = tally_jax(lax.stop_gradient(x).astype(ftype), None, p)
+    ctx.telemetry.add(key, overflow, underflow, int(x.size), nonfinite)
     return y
 
 
@@ -275,7 +276,7 @@ def _apply(ctx: _Ctx, eqn: Any, invals: list[Any], known: list[Known],
     if not any(_float(o) for o in outs):
         return outs, [None] * len(outs)  # integers and booleans: nothing to round
     if name in MATMUL:  # a matmul is a matmul in any scope, as in the torch engine
-        return [_matmul(ctx, eqn, invals, phase)], [ctx.fmts["activations"]]
+        return [_matmul(ctx, eqn, invals, in_fmts, phase)], [ctx.fmts["activations"]]
     if name in PASS:
         return outs, [_known_all(known)] * len(outs)
     if name not in COMPUTE:
@@ -323,15 +324,28 @@ def _fused(ctx: _Ctx, eqn: Any, invals: list[Any], known: list[Known], scope: st
     return _compute(ctx, _bind(eqn, invals), known, group or _group(ctx, scope), phase)
 
 
-def _matmul(ctx: _Ctx, eqn: Any, invals: list[Any], phase: str) -> Any:
+def _operand(ctx: _Ctx, x: Any, holds: Fmt, fmt: FloatFormat, key: str) -> Any:
+    """A matmul operand in ``fmt``: itself if it holds ``fmt`` values already, else its
+    rounded copy (made once per value and format in a trace)."""
+    if holds is fmt:
+        return x
+    hit = ctx.copies.get((id(x), fmt.name))
+    if hit is not None and hit[0] is x:
+        return hit[1]
+    y = _round(ctx, x, fmt, key)
+    ctx.copies[(id(x), fmt.name)] = (x, y)
+    return y
+
+
+def _matmul(ctx: _Ctx, eqn: Any, invals: list[Any], fmts: list[Fmt], phase: str) -> Any:
     fmt = ctx.fmts["matmul_input_backward" if phase == "backward" else "matmul_input"]
     key = f"{phase}/matmul"
     if ctx.recipe.fp8_scaling is not None and fmt is not None:
         raise HwportError(f"hwport.jax: recipe {ctx.recipe.name!r} asks for per-tensor FP8 "
                           f"scaling on backend {ctx.backend!r}, which the JAX engine does not "
                           "model yet (docs/jax.md)")
-    ops = [_round(ctx, x, fmt, f"{phase}/matmul_input") if i < 2 and fmt is not None else x
-           for i, x in enumerate(invals)]
+    ops = [_operand(ctx, x, fmts[i], fmt, f"{phase}/matmul_input")
+           if i < 2 and fmt is not None else x for i, x in enumerate(invals)]
     narrow = ctx.accumulator is not None or ctx.interval is not None
     if fmt is not None and narrow and eqn.primitive.name == "dot_general":
         out = _accumulate(ctx, eqn, ops, phase)
@@ -427,7 +441,7 @@ def _loop(ctx: _Ctx, eqn: Any, invals: list[Any], scope: str) -> list[Any]:
             return _eval(inner, bj, bc, [*bconsts, *c], scope)[0]
 
         def cond_of(c: Any) -> Any:  # the loop test's own roundings are not counted
-            return _eval(dataclasses.replace(ctx, telemetry=Telemetry()), cj, cc,
+            return _eval(ctx.inner(Telemetry()), cj, cc,
                          [*cconsts, *c], scope)[0][0]
 
         keys = _probe(ctx, body_of, init)
@@ -461,7 +475,7 @@ def _probe(ctx: _Ctx, fn: Callable[..., Any], *args: Any) -> dict[str, int]:
     """The rounding keys (and elements rounded under each) of ``fn(ctx, *args)``, found by
     tracing it once with a scratch telemetry."""
     scratch = Telemetry()
-    jax.make_jaxpr(lambda *a: fn(dataclasses.replace(ctx, telemetry=scratch), *a))(*args)
+    jax.make_jaxpr(lambda *a: fn(ctx.inner(scratch), *a))(*args)
     # elements only: the counts themselves are tracers of that throwaway trace
     return {k: sum(r[2] for r in rows if isinstance(r[2], int))
             for k, rows in sorted(scratch.counts.items())}
@@ -474,7 +488,7 @@ def _counting(ctx: _Ctx, fn: Callable[..., Any], keys: dict[str, int]
     counts cannot leave it but as values)."""
     def counted(*args: Any) -> tuple[Any, Any]:
         inner = Telemetry()
-        outs = fn(dataclasses.replace(ctx, telemetry=inner), *args)
+        outs = fn(ctx.inner(inner), *args)
         tot = inner.totals()
         rows = [jnp.stack([jnp.asarray(tot[k][c], jnp.int32) for c in COLUMNS])
                 if k in tot else jnp.zeros(len(COLUMNS), jnp.int32) for k in keys]
@@ -533,7 +547,7 @@ class Emulated:
             "activations": compute_format(spec, recipe.activations)}
         self.accumulator = compute_format(
             spec, spec.precision.accumulators.get(recipe.matmul_input, "fp32"))
-        self.interval = spec.precision.accumulation_interval or 32
+        self.interval = spec.precision.accumulation_interval
 
     @property
     def notes(self) -> list[str]:

@@ -27,7 +27,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax import lax
 
 from hwport.engine import Telemetry, seeded
 from hwport.errors import HwportError
@@ -35,7 +34,7 @@ from hwport.formats import FloatFormat
 from hwport.jax import emulate
 from hwport.pipelines.jaxnets import JaxPipeline
 from hwport.recipes import Lowered, compute_format
-from hwport.rounding import Rounding, _JaxOps, _kernel, _lowbias32, kernel_params
+from hwport.rounding import Rounding, _lowbias32, kernel_params, round_jax, tally_jax
 
 UNSUPPORTED = {"fp8_scaling": "per-tensor FP8 scaling", "kahan_updates": "Kahan updates",
                "software_stochastic": "software stochastic rounding",
@@ -51,21 +50,6 @@ def check(lowered: Lowered) -> None:
                               "model yet (docs/jax.md); run it with --framework torch")
 
 
-class _KeyedOps(_JaxOps):
-    """The array kernel's JAX operations with traced stochastic-rounding keys."""
-
-    def __init__(self, width: int, k0: Any, k1: Any) -> None:
-        super().__init__(width)
-        self.k0, self.k1 = k0, k1
-
-    def random_bits(self, idx: Any, p: Any) -> Any:
-        def mul(x: Any, k: int) -> Any:
-            return x * jnp.uint32(k)
-
-        h = _lowbias32(_lowbias32(idx.astype(jnp.uint32) + self.k0, mul) ^ self.k1, mul)
-        return (h >> (32 - p.rbits)).astype(self.itype)
-
-
 def _counted(x: Any, fmt: FloatFormat | None, rounding: Rounding = Rounding.NEAREST,
              key: Any = None, rbits: int = 23) -> tuple[Any, Any]:
     """``x`` rounded into ``fmt`` and its [elements, overflow, underflow, nonfinite]."""
@@ -74,18 +58,10 @@ def _counted(x: Any, fmt: FloatFormat | None, rounding: Rounding = Rounding.NEAR
         return x, jnp.stack([n * 0, n * 0, n * 0, n * 0])
     p = kernel_params(fmt, 32, rounding, 0 if rounding is Rounding.STOCHASTIC else None,
                       None, rbits)
-    if rounding is Rounding.STOCHASTIC:
-        ops: _JaxOps = _KeyedOps(32, key[0], key[1])
-    else:
-        ops = _JaxOps(32)
-    bits = lax.bitcast_convert_type(x.astype(jnp.float32), jnp.int32)
-    idx = lax.iota(jnp.int32, x.size).reshape(x.shape)
-    y = lax.bitcast_convert_type(_kernel(ops, bits, idx, p), jnp.float32)
-    finite = jnp.isfinite(x)
-    overflow = jnp.sum(finite & ((~jnp.isfinite(y)) | (jnp.abs(x) > fmt.max)))
-    underflow = jnp.sum((x != 0) & (y == 0))
-    return y, jnp.stack([n, overflow.astype(jnp.int32), underflow.astype(jnp.int32),
-                         jnp.sum(~finite).astype(jnp.int32)])
+    x = x.astype(jnp.float32)
+    y = round_jax(x, p, (key[0], key[1]) if rounding is Rounding.STOCHASTIC else None,
+                  quiet=False)
+    return y, jnp.concatenate([n[None], tally_jax(x, y, p)])
 
 
 def _keys(seed: Any, step: Any, site: int) -> tuple[Any, Any]:

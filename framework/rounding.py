@@ -352,12 +352,16 @@ class _TorchOps(_Ops):
 
 
 class _JaxOps(_Ops):
-    def __init__(self, width: int) -> None:
+    """The kernel's operations in JAX; stochastic-rounding keys from ``p`` or, when given,
+    traced ``keys`` (a program that draws new keys each step without recompiling)."""
+
+    def __init__(self, width: int, keys: tuple[Any, Any] | None = None) -> None:
         import jax.numpy as jnp
 
         self.jnp = jnp
         self.width = width
         self.itype = jnp.int32 if width == 32 else jnp.int64
+        self.keys = keys
 
     def where(self, c: Any, x: Any, y: Any) -> Any:
         return self.jnp.where(c, x, y).astype(self.itype)
@@ -374,8 +378,8 @@ class _JaxOps(_Ops):
         def mul(x: Any, k: int) -> Any:
             return x * jnp.uint32(k)
 
-        h = _lowbias32(_lowbias32(idx.astype(jnp.uint32) + jnp.uint32(p.key0), mul)
-                       ^ jnp.uint32(p.key1), mul)
+        k0, k1 = self.keys or (jnp.uint32(p.key0), jnp.uint32(p.key1))
+        h = _lowbias32(_lowbias32(idx.astype(jnp.uint32) + k0, mul) ^ k1, mul)
         return (h >> (32 - p.rbits)).astype(self.itype)
 
     def float_bits(self, k: Any, width: int) -> Any:
@@ -383,6 +387,96 @@ class _JaxOps(_Ops):
 
         ftype = self.jnp.float32 if width == 32 else self.jnp.float64
         return lax.bitcast_convert_type(k.astype(ftype), self.itype)
+
+
+# formats whose nearest rounding from float32 is XLA's own conversion (checked against the
+# kernel over all 2**32 float32 inputs, docs/jax.md; tests/test_quantize.py on every run);
+# also their flush-to-zero versions (IEEE rounding, then results below min_normal to zero)
+_XLA_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "e5m2": "float8_e5m2",
+               "e4m3fn": "float8_e4m3fn"}
+
+
+@lru_cache(maxsize=1024)
+def _xla_dtype(p: KernelParams) -> tuple[str, bool] | None:
+    """(the JAX dtype whose float32 conversion rounds as ``p``, whether results below the
+    smallest normal are then flushed), if there is one."""
+    if p.width != 32 or p.mode != _MODES[Rounding.NEAREST]:
+        return None
+    for name, dtype in _XLA_DTYPES.items():
+        fmt = getattr(_formats, name)
+        for ftz, f in ((False, fmt), (True, dataclasses.replace(fmt, subnormals=False))):
+            base = _base_params(f, 32, Rounding.NEAREST, None, p.rbits)
+            if base == dataclasses.replace(p, key0=base.key0, key1=base.key1):
+                return dtype, ftz
+    return None
+
+
+def _float_of(bits: int, width: int) -> float:
+    fmt, ifmt = ("<f", "<I") if width == 32 else ("<d", "<Q")
+    return float(struct.unpack(fmt, struct.pack(ifmt, bits))[0])
+
+
+def round_jax(x: Any, p: KernelParams, keys: tuple[Any, Any] | None = None,
+              quiet: bool = True) -> Any:
+    """``x`` (a float32 or float64 JAX array, traced or not) rounded as ``p`` says, bit for
+    bit as the other kernels; stochastic bits from ``keys`` (two traced uint32) if given.
+
+    Formats XLA converts to natively take that path, written in floating-point operations
+    only (integer views of a value split XLA's fusions, making emulated programs several
+    times slower). ``quiet=False`` there leaves a signaling NaN signaling rather than
+    quieting it (arithmetic never makes one; XLA fuses that form better)."""
+    import jax.numpy as jnp
+    from jax import lax
+
+    native = _xla_dtype(p)
+    if native is not None:
+        dtype, ftz = native
+        y = x.astype(getattr(jnp, dtype)).astype(x.dtype)
+        if ftz:  # a result below the smallest normal is a zero of its sign
+            y = jnp.where(jnp.abs(y) < _float_of(p.minnorm_bits, p.width), y * 0, y)
+        # a NaN keeps its payload, quieted (as the kernel)
+        return jnp.where(x != x, x + x if quiet else x, y)
+    ops = _JaxOps(p.width, keys)
+    bits = lax.bitcast_convert_type(x, ops.itype)
+    idx = lax.iota(jnp.int32, x.size).reshape(x.shape)
+    return lax.bitcast_convert_type(_kernel(ops, bits, idx, p), x.dtype)
+
+
+@lru_cache(maxsize=1024)
+def zero_below(p: KernelParams) -> int:
+    """The largest magnitude bit pattern that ``p`` (nearest or toward zero: monotone in the
+    magnitude) rounds to zero; 0 when only zero does."""
+    c = F32 if p.width == 32 else F64
+    ftype, itype = (np.float32, np.uint32) if p.width == 32 else (np.float64, np.uint64)
+    lo, hi = 0, c.inf  # round(lo) == 0, round(hi) != 0
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        x = np.array([mid], itype).view(ftype)
+        out = np.empty_like(x)
+        round_into(x, out, p, threads=1)
+        lo, hi = (mid, hi) if out[0] == 0 else (lo, mid)
+    return lo
+
+
+def tally_jax(x: Any, y: Any, p: KernelParams) -> Any:
+    """[finite values that overflowed, nonzero values that became zero, inf/NaN inputs] of
+    rounding ``x`` to ``y`` as ``p`` (int32, the counts of :func:`round_into`). Nearest and
+    toward-zero counts follow from ``x`` alone (one pass, nothing recomputed)."""
+    import jax.numpy as jnp
+    from jax import lax
+
+    a = jnp.abs(x)
+    finite = jnp.isfinite(x)
+    if p.mode == _MODES[Rounding.STOCHASTIC]:
+        under = (a > 0) & (y == 0)
+    else:
+        under = (a > 0) & (a <= _float_of(zero_below(p), p.width))
+    flags = (finite & (a > _float_of(p.max_bits, p.width)), under, ~finite)
+    zero = jnp.int32(0)
+    sums = lax.reduce(tuple(f.astype(jnp.int32) for f in flags), (zero, zero, zero),
+                      lambda u, v: tuple(s + t for s, t in zip(u, v, strict=True)),
+                      tuple(range(x.ndim)))
+    return jnp.stack(sums)
 
 
 # --------------------------------------------------------------------------------------
@@ -534,21 +628,15 @@ def _quantize_jax(x: Any, fmt: FloatFormat, mode: Rounding, seed: int | None,
 def _jax_fn(p: KernelParams, narrowed: bool) -> Any:
     import jax
     import jax.numpy as jnp
-    from jax import lax
 
     ftype = jnp.float32 if p.width == 32 else jnp.float64
-    ops = _JaxOps(p.width)
 
     @jax.jit
     def fn(x: Any) -> Any:
-        src = x.astype(ftype)
-        bits = lax.bitcast_convert_type(src, ops.itype)
-        idx = lax.iota(jnp.int32, src.size).reshape(src.shape)
-        out = lax.bitcast_convert_type(_kernel(ops, bits, idx, p), ftype)
+        out = round_jax(x.astype(ftype), p)
         return out.astype(x.dtype) if narrowed else out
 
     return fn
-
 
 
 def _overflow(fmt: FloatFormat, saturate: bool | None) -> str:
