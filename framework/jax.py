@@ -181,7 +181,7 @@ def _round(ctx: _Ctx, x: Any, fmt: FloatFormat | None, key: str) -> Any:
     p = kernel_params(fmt, width, Rounding.NEAREST, None, None, 23)
     y = _rounder(p)(x)
     ftype = jnp.float32 if width == 32 else jnp.float64
-    overflow, underflow, nonfinite = tally_jax(lax.stop_gradient(x).astype(ftype), None, p)
+    overflow, underflow, nonfinite = tally_jax(lax.stop_gradient(x).astype(ftype), p)
     ctx.telemetry.add(key, overflow, underflow, int(x.size), nonfinite)
     return y
 
@@ -272,11 +272,11 @@ def _apply(ctx: _Ctx, eqn: Any, invals: list[Any], known: list[Known],
         if label in FUSED:
             return _fused(ctx, eqn, invals, known, scope, phase, FUSED[label])
         return _nested(ctx, eqn, invals, in_fmts, scope)
-    outs = _bind(eqn, invals)
-    if not any(_float(o) for o in outs):
-        return outs, [None] * len(outs)  # integers and booleans: nothing to round
+    if not any(jnp.issubdtype(v.aval.dtype, jnp.floating) for v in eqn.outvars):
+        return _bind(eqn, invals), [None] * len(eqn.outvars)  # nothing to round
     if name in MATMUL:  # a matmul is a matmul in any scope, as in the torch engine
         return [_matmul(ctx, eqn, invals, in_fmts, phase)], [ctx.fmts["activations"]]
+    outs = _bind(eqn, invals)
     if name in PASS:
         return outs, [_known_all(known)] * len(outs)
     if name not in COMPUTE:

@@ -34,7 +34,7 @@ from hwport.formats import FloatFormat
 from hwport.jax import emulate
 from hwport.pipelines.jaxnets import JaxPipeline
 from hwport.recipes import Lowered, compute_format
-from hwport.rounding import Rounding, _lowbias32, kernel_params, round_jax, tally_jax
+from hwport.rounding import Rounding, _lowbias32, kernel_params, round_counted_jax
 
 UNSUPPORTED = {"fp8_scaling": "per-tensor FP8 scaling", "kahan_updates": "Kahan updates",
                "software_stochastic": "software stochastic rounding",
@@ -58,10 +58,9 @@ def _counted(x: Any, fmt: FloatFormat | None, rounding: Rounding = Rounding.NEAR
         return x, jnp.stack([n * 0, n * 0, n * 0, n * 0])
     p = kernel_params(fmt, 32, rounding, 0 if rounding is Rounding.STOCHASTIC else None,
                       None, rbits)
-    x = x.astype(jnp.float32)
-    y = round_jax(x, p, (key[0], key[1]) if rounding is Rounding.STOCHASTIC else None,
-                  quiet=False)
-    return y, jnp.concatenate([n[None], tally_jax(x, y, p)])
+    y, counts = round_counted_jax(
+        x.astype(jnp.float32), p, (key[0], key[1]) if rounding is Rounding.STOCHASTIC else None)
+    return y, jnp.concatenate([n[None], counts])
 
 
 def _keys(seed: Any, step: Any, site: int) -> tuple[Any, Any]:

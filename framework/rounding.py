@@ -86,6 +86,12 @@ class _Container:
         ifmt = "<I" if self.width == 32 else "<Q"
         return int(struct.unpack(ifmt, struct.pack(fmt, v))[0])
 
+    def value(self, bits: int) -> float:
+        """The float whose bit pattern is ``bits`` (the inverse of :meth:`bits`)."""
+        fmt = "<f" if self.width == 32 else "<d"
+        ifmt = "<I" if self.width == 32 else "<Q"
+        return float(struct.unpack(fmt, struct.pack(ifmt, bits))[0])
+
 
 F32 = _Container(32, 23, 127)
 F64 = _Container(64, 52, 1023)
@@ -411,11 +417,6 @@ def _xla_dtype(p: KernelParams) -> tuple[str, bool] | None:
     return None
 
 
-def _float_of(bits: int, width: int) -> float:
-    fmt, ifmt = ("<f", "<I") if width == 32 else ("<d", "<Q")
-    return float(struct.unpack(fmt, struct.pack(ifmt, bits))[0])
-
-
 def round_jax(x: Any, p: KernelParams, keys: tuple[Any, Any] | None = None,
               quiet: bool = True) -> Any:
     """``x`` (a float32 or float64 JAX array, traced or not) rounded as ``p`` says, bit for
@@ -433,7 +434,7 @@ def round_jax(x: Any, p: KernelParams, keys: tuple[Any, Any] | None = None,
         dtype, ftz = native
         y = x.astype(getattr(jnp, dtype)).astype(x.dtype)
         if ftz:  # a result below the smallest normal is a zero of its sign
-            y = jnp.where(jnp.abs(y) < _float_of(p.minnorm_bits, p.width), y * 0, y)
+            y = jnp.where(jnp.abs(y) < F32.value(p.minnorm_bits), y * 0, y)
         # a NaN keeps its payload, quieted (as the kernel)
         return jnp.where(x != x, x + x if quiet else x, y)
     ops = _JaxOps(p.width, keys)
@@ -443,40 +444,80 @@ def round_jax(x: Any, p: KernelParams, keys: tuple[Any, Any] | None = None,
 
 
 @lru_cache(maxsize=1024)
-def zero_below(p: KernelParams) -> int:
-    """The largest magnitude bit pattern that ``p`` (nearest or toward zero: monotone in the
-    magnitude) rounds to zero; 0 when only zero does."""
+def _thresholds(p: KernelParams) -> tuple[int, int]:
+    """(largest magnitude pattern that ``p`` rounds to zero, smallest one it counts as
+    overflowing; the container's inf if none), for a mode monotone in the magnitude
+    (nearest, toward zero): found by bisection on the C kernel."""
     c = F32 if p.width == 32 else F64
     ftype, itype = (np.float32, np.uint32) if p.width == 32 else (np.float64, np.uint64)
-    lo, hi = 0, c.inf  # round(lo) == 0, round(hi) != 0
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        x = np.array([mid], itype).view(ftype)
-        out = np.empty_like(x)
-        round_into(x, out, p, threads=1)
-        lo, hi = (mid, hi) if out[0] == 0 else (lo, mid)
-    return lo
+
+    def first(which: int) -> int:
+        """The smallest pattern in [1, inf] whose count ``which`` is 0 (nonzero result)
+        or 1 (overflow); inf stands for "none"."""
+        lo, hi = 0, c.inf
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            x = np.array([mid], itype).view(ftype)
+            counts = round_into(x, np.empty_like(x), p, threads=1)
+            lo, hi = (lo, mid) if (counts[1] == 0 if which == 0 else counts[0] == 1) \
+                else (mid, hi)
+        return hi
+
+    return first(0) - 1, first(1)
 
 
-def tally_jax(x: Any, y: Any, p: KernelParams) -> Any:
+def tally_jax(x: Any, p: KernelParams) -> Any:
     """[finite values that overflowed, nonzero values that became zero, inf/NaN inputs] of
-    rounding ``x`` to ``y`` as ``p`` (int32, the counts of :func:`round_into`). Nearest and
-    toward-zero counts follow from ``x`` alone (one pass, nothing recomputed)."""
+    rounding ``x`` as ``p`` (nearest or toward zero), the counts of :func:`round_into`, as
+    int32: they follow from ``x``'s magnitude alone, one pass. Compared as integers: XLA
+    on CPU treats subnormal floats as zero in comparisons."""
     import jax.numpy as jnp
     from jax import lax
 
-    a = jnp.abs(x)
-    finite = jnp.isfinite(x)
     if p.mode == _MODES[Rounding.STOCHASTIC]:
-        under = (a > 0) & (y == 0)
-    else:
-        under = (a > 0) & (a <= _float_of(zero_below(p), p.width))
-    flags = (finite & (a > _float_of(p.max_bits, p.width)), under, ~finite)
+        raise ValueError("tally_jax: stochastic counts depend on the draws; "
+                         "use round_counted_jax")
+    c = F32 if p.width == 32 else F64
+    itype = jnp.int32 if p.width == 32 else jnp.int64
+    a = lax.bitcast_convert_type(x, itype) & (c.sign - 1)
+    zero_upto, overflow_from = _thresholds(p)
+    return _sums(x.ndim, (a >= overflow_from) & (a < c.inf), (a > 0) & (a <= zero_upto),
+                 a >= c.inf)
+
+
+def _sums(ndim: int, *flags: Any) -> Any:
+    """The counts of true ``flags`` (one pass: a variadic reduction), int32."""
+    import jax.numpy as jnp
+    from jax import lax
+
     zero = jnp.int32(0)
-    sums = lax.reduce(tuple(f.astype(jnp.int32) for f in flags), (zero, zero, zero),
+    sums = lax.reduce(tuple(f.astype(jnp.int32) for f in flags), (zero,) * len(flags),
                       lambda u, v: tuple(s + t for s, t in zip(u, v, strict=True)),
-                      tuple(range(x.ndim)))
+                      tuple(range(ndim)))
     return jnp.stack(sums)
+
+
+def round_counted_jax(x: Any, p: KernelParams, keys: tuple[Any, Any] | None = None
+                      ) -> tuple[Any, Any]:
+    """(``x`` rounded as :func:`round_jax` with ``quiet=False``, its :func:`tally_jax`
+    counts), in any mode: a stochastic rounding is computed with overflow to inf, which
+    shows what overflowed, and then given the format's overflow value."""
+    import jax.numpy as jnp
+    from jax import lax
+
+    if p.mode != _MODES[Rounding.STOCHASTIC]:
+        return round_jax(x, p, keys, quiet=False), tally_jax(x, p)
+    c = F32 if p.width == 32 else F64
+    itype = jnp.int32 if p.width == 32 else jnp.int64
+    bits = lax.bitcast_convert_type(x, itype)
+    a = bits & (c.sign - 1)
+    y = lax.bitcast_convert_type(round_jax(x, dataclasses.replace(p, overflow=0), keys),
+                                 itype)
+    over = (a < c.inf) & ((y & (c.sign - 1)) == c.inf)
+    value = {0: c.inf, 1: p.max_bits, 2: p.nan_bits}[p.overflow]
+    y = jnp.where(over, (bits - a) | value, y).astype(itype)  # bits - a: the sign bit
+    counts = _sums(x.ndim, over, (a > 0) & ((y & (c.sign - 1)) == 0), a >= c.inf)
+    return lax.bitcast_convert_type(y, x.dtype), counts
 
 
 # --------------------------------------------------------------------------------------

@@ -81,6 +81,29 @@ def test_narrow_accumulator_matches_grouped_oracle() -> None:
     assert float(got[0, 0]) == 448.0 and telemetry["forward/accumulator"]["roundings"] == 32
 
 
+def test_fp32_accumulator_is_one_matmul_with_one_rounding_per_operand() -> None:
+    """simgpu keeps bf16 products in fp32 with no promotion interval: the matmul is one
+    dot of the rounded operands, not split over K (as the torch engine); backward uses
+    forward's rounded copy of x instead of rounding it again."""
+    x = RNG.standard_normal((8, 512)).astype(np.float32)
+    w = RNG.standard_normal((512, 16)).astype(np.float32)
+    em = emulate(lambda a, b: jnp.dot(a, b), "simgpu", dataclasses.replace(
+        builtin("amp-bf16"), autocast=False, activations="fp32"))
+    eqns = jax.make_jaxpr(em)(x, w).jaxpr.eqns
+    assert [e.primitive.name for e in eqns].count("dot_general") == 1
+    exact = bf16(x).astype(np.float64) @ bf16(w).astype(np.float64)  # products are exact
+    err = np.abs(np.asarray(jax.jit(em)(x, w), np.float64) - exact)
+    assert err.max() <= 512 * 2.0**-24 * (np.abs(bf16(x)) @ np.abs(bf16(w))).max()
+
+    def loss_and_grad(w: jax.Array, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+        value, vjp = jax.vjp(lambda q: jnp.sum(jnp.tanh(x @ q)), w)
+        return value, vjp(jnp.float32(1.0))[0]
+
+    _, telemetry = jax.jit(emulate(loss_and_grad, "simgpu", "amp-bf16").with_telemetry)(w, x)
+    assert telemetry["forward/matmul_input"]["roundings"] == 2  # x and w
+    assert telemetry["backward/matmul_input"]["roundings"] == 1  # the cotangent only
+
+
 def test_nested_jaxprs_are_emulated_like_straight_line_code() -> None:
     x = RNG.standard_normal((8, 8)).astype(np.float32)
 

@@ -22,6 +22,7 @@ import warnings
 from collections.abc import Iterator
 from functools import cache
 
+import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
@@ -31,6 +32,7 @@ from formats_under_test import CFP8FTZ, FORMATS
 
 import hwport
 from hwport import formats as F
+from hwport import rounding
 from hwport.errors import FormatError
 from hwport.rounding import (
     Rounding,
@@ -435,6 +437,37 @@ def test_backends_agree(name: str, mode: str) -> None:
     assert got_jax.dtype == jnp.float32
     assert_same(np.asarray(got_jax), ref, x, f"{name} {mode} jax", nan_bits=True,
                 want_is="C kernel")
+
+
+@pytest.mark.parametrize("name", ["bf16", "fp16", "e5m2", "e4m3fn"])
+def test_jax_conversion_path_matches_the_kernel_with_flush_to_zero(name: str) -> None:
+    """A flush-to-zero version of a format XLA converts to takes XLA's conversion and then
+    flushes (hwport.rounding.round_jax); its bits are the C kernel's."""
+    fmt = dataclasses.replace(FORMATS[name], name=f"{name}_ftz", subnormals=False)
+    p = rounding.kernel_params(fmt, 32, rounding.Rounding.NEAREST, None, None, 23)
+    assert rounding._xla_dtype(p) is not None and rounding._xla_dtype(p)[1]  # the fast path
+    x = cross_set(name)
+    ref = hwport.quantize(x, fmt)
+    assert_same(np.asarray(hwport.quantize(jnp.asarray(x), fmt)), ref, x, f"{name} ftz jax",
+                nan_bits=True, want_is="C kernel")
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("name", ["bf16", "e4m3fn", "cfp8t", "cfp8ftz", "cfp8_152_b63"])
+def test_jax_counts_match_the_kernel(name: str, mode: str) -> None:
+    """hwport.rounding.round_counted_jax counts what the C kernel counts (overflow,
+    underflow, inf/NaN inputs), on inputs with all three (fp32 subnormals included)."""
+    x = cross_set(name)
+    p = rounding.kernel_params(FORMATS[name], 32, rounding.Rounding(mode),
+                               SEED if mode == "stochastic" else None, None, 23)
+    out = np.empty_like(x)
+    want = rounding.round_into(x, out, p)
+    y, counts = jax.jit(lambda v: rounding.round_counted_jax(v, p))(jnp.asarray(x))
+    assert_same(np.asarray(y), out, x, f"{name} {mode}", want_is="C kernel")
+    got = tuple(int(v) for v in counts)
+    assert got == want
+    # the inputs exercise each count (truncation cannot overflow bf16's fp32 range)
+    assert want[1] > 0 and want[2] > 0 and (want[0] > 0 or (name, mode) == ("bf16", "toward_zero"))
 
 
 @pytest.mark.parametrize("mode", MODES)
