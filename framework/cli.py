@@ -349,8 +349,8 @@ OptionOption = Annotated[list[str] | None, typer.Option("--option", "-o",
 JsonPathOption = Annotated[Path | None, typer.Option(
     "--json", help="Write the result as JSON to PATH (- for stdout).")]
 WorldSizeOption = Annotated[int, typer.Option(
-    help="Train data-parallel on this many processes, gradients reduced by the backend's "
-         "all-reduce (docs/collectives.md).")]
+    help="Train data-parallel on this many processes (JAX: devices), gradients reduced by "
+         "the backend's all-reduce (docs/collectives.md).")]
 StoreOption = Annotated[Path | None, typer.Option(
     "--store", help="The results store (default: $HWPORT_STORE, else "
     "~/.local/share/hwport/results.sqlite; docs/results.md).")]

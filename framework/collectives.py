@@ -268,10 +268,13 @@ def _free_port() -> int:
 
 
 def _worker(rank: int, world: int, port: int, timeout: float, fn: Callable[..., Any],
-            args: tuple[Any, ...], out: str) -> None:
+            args: tuple[Any, ...], out: str, group: bool) -> None:
     import torch
     import torch.distributed as dist
 
+    if not group:  # one process of its own (JAX: its devices are set before they start)
+        torch.save(fn(*args), os.path.join(out, f"rank{rank}.pt"))
+        return
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                             world_size=world, timeout=timedelta(seconds=timeout))
     try:
@@ -281,11 +284,12 @@ def _worker(rank: int, world: int, port: int, timeout: float, fn: Callable[..., 
         dist.destroy_process_group()
 
 
-def launch(world: int, fn: Callable[..., Any], *args: Any, timeout: float = 120.0
-           ) -> list[Any]:
+def launch(world: int, fn: Callable[..., Any], *args: Any, timeout: float = 120.0,
+           group: bool = True) -> list[Any]:
     """Run ``fn(rank, world, *args)`` on ``world`` fresh processes joined in a gloo process
     group on this machine; returns each rank's result. A rank that raises ends the run
-    with that rank's error; one that hangs past ``timeout`` seconds ends it too."""
+    with that rank's error; one that hangs past ``timeout`` seconds ends it too.
+    ``group=False``: ``fn(*args)`` on one fresh process, in no group (``world`` must be 1)."""
     import tempfile
 
     import torch
@@ -295,11 +299,12 @@ def launch(world: int, fn: Callable[..., Any], *args: Any, timeout: float = 120.
         start_processes,
     )
 
-    if not isinstance(world, int) or world < 1:
-        raise HwportError(f"world size {world!r}: must be a positive integer")
+    if not isinstance(world, int) or world < 1 or (world != 1 and not group):
+        raise HwportError(f"world size {world!r}: must be a positive integer "
+                          "(1 without a group)")
     with tempfile.TemporaryDirectory(prefix="hwport-ranks-") as out:
         ctx = start_processes(  # type: ignore[no-untyped-call]
-            _worker, args=(world, _free_port(), timeout, fn, args, out), nprocs=world,
+            _worker, args=(world, _free_port(), timeout, fn, args, out, group), nprocs=world,
             join=False, start_method="spawn")
         deadline = time.monotonic() + timeout + 60
         try:
@@ -316,7 +321,9 @@ def launch(world: int, fn: Callable[..., Any], *args: Any, timeout: float = 120.
             for proc in ctx.processes:
                 if proc.is_alive():
                     proc.terminate()
-        return [torch.load(os.path.join(out, f"rank{r}.pt")) for r in range(world)]
+        # written by this run's own processes into a private directory: plain pickles
+        return [torch.load(os.path.join(out, f"rank{r}.pt"), weights_only=False)
+                for r in range(world)]
 
 
 # -- measurement: a real run's numbers against the exact result ----------------------------

@@ -21,7 +21,7 @@ overflow flags for loss scaling, as the torch engine does.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
@@ -37,8 +37,7 @@ from hwport.recipes import Lowered, compute_format
 from hwport.rounding import Rounding, _lowbias32, kernel_params, round_counted_jax
 
 UNSUPPORTED = {"fp8_scaling": "per-tensor FP8 scaling", "kahan_updates": "Kahan updates",
-               "software_stochastic": "software stochastic rounding",
-               "reduction_format": "a reduction format (data parallelism)"}
+               "software_stochastic": "software stochastic rounding"}
 
 
 def check(lowered: Lowered) -> None:
@@ -74,6 +73,12 @@ def _keys(seed: Any, step: Any, site: int) -> tuple[Any, Any]:
     return k0, _lowbias32(k0 + jnp.uint32(0x6A09E667), mul)
 
 
+def overflowed(totals: dict[str, Any]) -> bool:
+    """Whether backward's overflow flags are up in :meth:`hwport.jax.Telemetry.totals`."""
+    return any(int(v["overflow"]) + int(v["nonfinite"]) > 0
+               for k, v in totals.items() if k.startswith("backward/"))
+
+
 def _add(t: Telemetry, key: str, c: Any) -> None:
     """Add one [elements, overflow, underflow, nonfinite] row to ``t.rounding[key]``."""
     n, *rest = (int(v) for v in np.asarray(c).tolist())
@@ -99,7 +104,7 @@ def _numerics(lowered: Lowered) -> tuple[Any, ...]:
 
 # compiled steps by what determines them (pipeline, optimizer, recipe, formats): a compare's
 # cells on backends with the same numerics share one compilation
-_PROGRAMS: dict[Any, tuple[Any, Any, Any, Any]] = {}
+_PROGRAMS: dict[Any, tuple[Any, Any, Any, Any, Any]] = {}
 
 
 class Trainer:
@@ -128,7 +133,7 @@ class Trainer:
         key = ("train", jp.torch.key(), jp.adamw, _numerics(lowered), self.rbits)
         cached = _PROGRAMS.get(key)
         if cached is not None:  # the same program: compiled once per process
-            self._fb, self._evaluate, self._update, self._cast = cached
+            self.forward_backward, self._fb, self._evaluate, self._update, self._cast = cached
             return
 
         def scaled(params: Any, batch: Any, scale: Any) -> tuple[Any, Any]:
@@ -145,6 +150,7 @@ class Trainer:
             finite = jnp.all(jnp.stack([jnp.isfinite(g).all() for g in grads.values()]))
             return value, grads, totals, counts, finite
 
+        self.forward_backward = forward_backward  # traceable: data parallelism maps it
         self._fb = jax.jit(forward_backward)
         self._evaluate = jax.jit(emulate(jp.evaluate, spec, r).with_telemetry)
         self._update = jax.jit(self._update_fn)
@@ -156,7 +162,7 @@ class Trainer:
         self._cast = jax.jit(cast)
         if len(_PROGRAMS) >= 32:
             _PROGRAMS.pop(next(iter(_PROGRAMS)))
-        _PROGRAMS[key] = (self._fb, self._evaluate, self._update, self._cast)
+        _PROGRAMS[key] = (forward_backward, self._fb, self._evaluate, self._update, self._cast)
 
     # -- parameters -----------------------------------------------------------------------
     def prepare(self, init: dict[str, np.ndarray]) -> tuple[Any, Any, Any]:
@@ -182,15 +188,27 @@ class Trainer:
         _add_emulated(self.telemetry, totals)
         return {k: float(v) for k, v in metrics.items()}
 
-    def step(self, params: Any, master: Any, state: Any, batch: Any,
-             index: int) -> tuple[float, Any, Any, Any]:
-        """One training step; returns (loss, params, master, state)."""
+    def batches(self, seed: int) -> Iterator[Any]:
+        """The training batches, one per step."""
+        return self.jp.batches(seed)
+
+    def gradients(self, params: Any, batch: Any) -> tuple[Any, Any, dict[str, Any], Any, bool,
+                                                             bool]:
+        """Forward and backward at the current loss scale: (loss, gradients rounded to their
+        format and still scaled, telemetry totals, gradient rounding counts, whether every
+        gradient is finite, whether backward overflowed)."""
         value, grads, totals, counts, finite = self._fb(params, batch,
                                                         jnp.float32(self.scale))
         totals = jax.device_get(totals)
+        return value, grads, totals, counts, bool(finite), overflowed(totals)
+
+    def step(self, params: Any, master: Any, state: Any, batch: Any,
+             index: int) -> tuple[float, Any, Any, Any]:
+        """One training step; returns (loss, params, master, state)."""
+        value, grads, totals, counts, finite, over = self.gradients(params, batch)
         _add_emulated(self.telemetry, totals)
         _add(self.telemetry, "backward/gradients", counts)
-        if self._skip(bool(finite), totals):
+        if self._skip(finite, over):
             return float(value), params, master, state
         unscale = jnp.float32(1.0 / self.scale)
         lr = self.jp.adamw.lr
@@ -215,17 +233,13 @@ class Trainer:
             params = new
         return float(value), params, master, state
 
-    def _skip(self, finite: bool, totals: dict[str, Any]) -> bool:
+    def _skip(self, finite: bool, over: bool) -> bool:
         """GradScaler's update; True when the step must be skipped."""
         policy = self.lowered.recipe.loss_scaling
         if policy is None:
             return False
         self.telemetry.loss_scale.append(self.scale)
-        if policy.check == "overflow_flags":
-            found = any(int(v["overflow"]) + int(v["nonfinite"]) > 0
-                        for k, v in totals.items() if k.startswith("backward/"))
-        else:
-            found = not finite
+        found = over if policy.check == "overflow_flags" else not finite
         self.scale, self._growth = policy.after(self.scale, self._growth, found)
         self.telemetry.skipped_steps += found
         return found
@@ -277,14 +291,16 @@ class Trainer:
 
 
 def train(jp: JaxPipeline, lowered: Lowered, seed: int,
-          progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
-    """Train ``jp`` under ``lowered``: curve, metrics, initial metrics, telemetry, params."""
-    trainer = Trainer(jp, lowered, seed)
+          progress: Callable[[int, int], None] | None = None,
+          trainer: Trainer | None = None) -> dict[str, Any]:
+    """Train ``jp`` under ``lowered`` (with ``trainer``, default a one-device
+    :class:`Trainer`): curve, metrics, initial metrics, telemetry, params."""
+    trainer = trainer or Trainer(jp, lowered, seed)
     with seeded(seed):  # the torch model's initial weights, as the torch run draws them
         init = jp.init()
     params, master, state = trainer.prepare(init)
     initial = trainer.evaluate(params)
-    batches = jp.batches(seed)
+    batches = trainer.batches(seed)
     curve: list[dict[str, float]] = []
     finite = True
     for step in range(jp.steps):
@@ -318,7 +334,7 @@ def infer(jp: JaxPipeline, lowered: Lowered, params: Any) -> dict[str, Any]:
     programs = _PROGRAMS.get(key)
     if programs is None:
         programs = (jax.jit(emulate(jp.predict, spec, r).with_telemetry),
-                    jax.jit(emulate(jp.evaluate, spec, r).with_telemetry), None, None)
+                    jax.jit(emulate(jp.evaluate, spec, r).with_telemetry), None, None, None)
         _PROGRAMS[key] = programs
     logits, t1 = programs[0](stored)
     metrics, t2 = programs[1](stored)

@@ -7,6 +7,8 @@ are reduced by the backend's all-reduce schedule (its first declared algorithm),
 addition rounded to its reduction format in the schedule's order, then averaged. Overflow
 and NaN decisions are agreed by all ranks, so the replicas stay identical.
 
+``--framework jax`` trains the same way on N JAX devices (:mod:`hwport.jaxparallel`).
+
 The result's ``collectives`` reports the bytes all-reduced per step, the predicted
 communication time per step (:func:`hwport.collectives.cost`) and its share of the step
 (with the predicted compute step of :mod:`hwport.profile`), and the error of the reduced
@@ -21,13 +23,47 @@ import hashlib
 import time
 from typing import Any
 
+import numpy as np
 import torch
 
 from hwport import collectives, profile, runner
+from hwport.engine import seeded
 from hwport.errors import HwportError
 from hwport.pipeline import Pipeline, PipelineFactory
 from hwport.recipes import Recipe, lower
 from hwport.spec import BackendSpec
+
+
+def gradient_error(reduced: np.ndarray, exact: np.ndarray) -> tuple[float, float]:
+    """The reduced gradients' error against the exact (float64) average: the largest error
+    over the largest gradient, and the mean error over the gradients' RMS."""
+    diff = np.abs(reduced - exact)
+    top = float(np.abs(exact).max(initial=0.0)) or 1.0
+    rms = float(np.sqrt(np.mean(exact ** 2))) if exact.size else 0.0
+    return float(diff.max(initial=0.0)) / top, float(diff.mean()) / (rms or 1.0)
+
+
+def _summary(spec: BackendSpec, p: Pipeline, model: torch.nn.Module, recipe: Recipe,
+             seed: int, world: int, algorithm: str, red: str, elements: int,
+             errors: list[tuple[float, float]]) -> dict[str, Any]:
+    """A data-parallel run's memory plan, step time and ``collectives``."""
+    sched = collectives.schedule("all_reduce", algorithm, world, spec.interconnect.shape)
+    plan, step = profile.measure(p, model, lower(recipe, spec), "train", seed)
+    nbytes = elements * spec.format(red).bits / 8
+    comm = collectives.cost(sched, nbytes, spec).seconds
+    total = comm + step.step_s
+    return {
+        "time": step.to_dict(), "memory": plan.to_dict(),
+        "collectives": {
+            "world_size": world, "op": "all_reduce", "algorithm": algorithm,
+            "reduction_format": red, "bytes_per_step": nbytes,
+            "predicted_s_per_step": comm,
+            "share_of_step": comm / total if total > 0 else None,
+            "gradient_error": {
+                "max_relative": max((e[0] for e in errors), default=0.0),
+                "mean_rms_relative": sum(e[1] for e in errors) / max(len(errors), 1)},
+        },
+    }
 
 
 def _rank(rank: int, world: int, spec_data: dict[str, Any], recipe: Recipe, pipeline: str,
@@ -54,11 +90,7 @@ def _rank(rank: int, world: int, spec_data: dict[str, Any], recipe: Recipe, pipe
         dist.all_reduce(exact)  # float64: the exact sum for comparison
         collectives.execute(sched, flat, red, rank)
         flat = quantize(flat / world, grads_fmt)
-        exact /= world
-        diff = (flat.double() - exact).abs()
-        top = float(exact.abs().max()) or 1.0
-        rms = float(exact.pow(2).mean().sqrt()) or 1.0
-        errors.append((float(diff.max()) / top, float(diff.mean()) / rms))
+        errors.append(gradient_error(flat.double().numpy(), (exact / world).numpy()))
         sizes.append(flat.numel())
         offset = 0
         for g in grads:
@@ -80,32 +112,20 @@ def _rank(rank: int, world: int, spec_data: dict[str, Any], recipe: Recipe, pipe
                                      for q in trained.model.parameters())).hexdigest()
     if rank:
         return {"digest": digest}
-    plan, step = profile.measure(p, trained.model, lower(recipe, spec), "train", seed)
-    nbytes = (sizes[-1] if sizes else 0) * spec.format(red).bits / 8
-    comm = collectives.cost(sched, nbytes, spec).seconds
-    total = comm + step.step_s
     return {
         "digest": digest, "curve": trained.curve, "metrics": trained.metrics,
         "initial": trained.initial, "telemetry": trained.telemetry,
-        "finite": trained.finite, "notes": notes, "time": step.to_dict(),
-        "memory": plan.to_dict(),
-        "collectives": {
-            "world_size": world, "op": "all_reduce", "algorithm": algorithm,
-            "reduction_format": red, "bytes_per_step": nbytes,
-            "predicted_s_per_step": comm,
-            "share_of_step": comm / total if total > 0 else None,
-            "gradient_error": {
-                "max_relative": max((e[0] for e in errors), default=0.0),
-                "mean_rms_relative": sum(e[1] for e in errors) / max(len(errors), 1)},
-        },
-    }
+        "finite": trained.finite, "notes": notes,
+        **_summary(spec, p, trained.model, recipe, seed, world, algorithm, red,
+                   sizes[-1] if sizes else 0, errors)}
 
 
 def run(spec: BackendSpec, pipeline: str | Pipeline | PipelineFactory, mode: str,
         recipe: Recipe, *, steps: int | None, seed: int, options: dict[str, Any] | None,
         rules: runner.OutcomeRules, world_size: int, capture: bool = True,
-        timeout: float = 1800.0) -> runner.RunResult:
-    """One data-parallel training cell (see the module docstring)."""
+        timeout: float = 1800.0, framework: str = "torch") -> runner.RunResult:
+    """One data-parallel training cell (see the module docstring; ``framework="jax"``:
+    :mod:`hwport.jaxparallel`)."""
     if mode != "train":
         raise HwportError(f"world_size={world_size}: data parallelism applies to training; "
                           f"mode {mode!r} runs on one device")
@@ -118,12 +138,28 @@ def run(spec: BackendSpec, pipeline: str | Pipeline | PipelineFactory, mode: str
         raise HwportError(f"backend {spec.name!r} declares no all_reduce "
                           "(interconnect.collectives): it cannot train data-parallel")
     p = runner.resolve_pipeline(pipeline, steps, options)  # bad names fail here, not in ranks
+    if framework == "jax":  # what JAX cannot run fails here too, before the reference trains
+        from hwport import jaxrun
+        from hwport.pipelines.jaxnets import twin
+
+        twin(p)
+        jaxrun.check(lower(recipe, spec))
     from hwport import plugins
 
     reference = plugins.get_backend("reference")
     fp32 = plugins.registry().recipe("fp32")
 
     def train(on: BackendSpec, rec: Recipe) -> dict[str, Any]:
+        if framework == "jax":
+            from hwport import jaxparallel
+
+            got = jaxparallel.train(on, rec, pipeline, steps, options, seed, world_size,
+                                    timeout)
+            with seeded(seed):  # the same model's memory and time, as for one device
+                model = p.model()
+            got.update(_summary(on, p, model, rec, seed, world_size, got["algorithm"],
+                                got["reduction_format"], got["elements"], got["errors"]))
+            return got
         ranks = collectives.launch(world_size, _rank, on.to_dict(), rec, pipeline, steps,
                                    options, seed, capture, timeout=timeout)
         if len({r["digest"] for r in ranks}) != 1:
@@ -132,7 +168,8 @@ def run(spec: BackendSpec, pipeline: str | Pipeline | PipelineFactory, mode: str
         first: dict[str, Any] = ranks[0]
         return first
 
-    key = (pipeline, steps, repr(sorted((options or {}).items())), seed, world_size, capture)
+    key = (pipeline, steps, repr(sorted((options or {}).items())), seed, world_size, capture,
+           framework)
     ref = _REFERENCE.get(key) or _REFERENCE.setdefault(key, train(reference, fp32))
     t0 = time.perf_counter()
     got = ref if (spec.name, recipe.name) == ("reference", "fp32") else train(spec, recipe)
@@ -142,7 +179,7 @@ def run(spec: BackendSpec, pipeline: str | Pipeline | PipelineFactory, mode: str
                           got["finite"])
     result = runner.RunResult(spec.name, p.name, mode, recipe.name, seed, p.steps, outcome,
                               got["metrics"], ref["metrics"], got["curve"], got["telemetry"],
-                              got["notes"], wall, metric=p.metric,
+                              got["notes"], wall, framework=framework, metric=p.metric,
                               reference_curve=ref["curve"])
     result.memory, result.time = got["memory"], got["time"]
     result.collectives = got["collectives"]

@@ -276,9 +276,6 @@ def run(backend: str | BackendSpec, pipeline: str | Pipeline | PipelineFactory,
         raise HwportError(f"mode {mode!r}: must be one of {list(MODES)}")
     if framework not in FRAMEWORKS:
         raise HwportError(f"framework {framework!r}: must be one of {list(FRAMEWORKS)}")
-    if framework == "jax" and world_size != 1:
-        raise HwportError("--framework jax trains on one device: data parallelism in JAX is "
-                          "not built yet (docs/jax.md); use --framework torch")
     spec, rec = _spec(backend), _recipe(recipe)
     rules = rules or OutcomeRules()
     p = resolve_pipeline(pipeline, steps, options)
@@ -298,7 +295,7 @@ def run(backend: str | BackendSpec, pipeline: str | Pipeline | PipelineFactory,
 
         result = parallel.run(spec, pipeline, mode, rec, steps=steps, seed=seed,
                               options=options, rules=rules, world_size=world_size,
-                              capture=capture)
+                              capture=capture, framework=framework)
     elif framework == "jax":
         result = _run_jax(spec, p, mode, rec, seed, rules, progress)
     else:

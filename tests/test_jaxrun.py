@@ -77,8 +77,11 @@ def test_what_the_jax_engine_does_not_model_is_refused(reference_cache: Path) ->
         runner.run("simgpu", "digits", "train", "fp8-hybrid", steps=5, framework="jax")
     with pytest.raises(HwportError, match="pipeline 'tiny-gradients' has no JAX twin"):
         runner.run("dojo", "tiny-gradients", "train", steps=5, framework="jax")
-    with pytest.raises(HwportError, match="data parallelism in JAX is not built yet"):
-        runner.run("dojo", "digits", "train", steps=5, framework="jax", world_size=2)
+    with pytest.raises(HwportError, match="per-tensor FP8 scaling on backend 'simgpu'"):
+        runner.run("simgpu", "digits", "train", "fp8-hybrid", steps=5, framework="jax",
+                   world_size=2)  # refused before any process starts
+    with pytest.raises(HwportError, match="pipeline 'tiny-gradients' has no JAX twin"):
+        runner.run("dojo", "tiny-gradients", "train", steps=5, framework="jax", world_size=2)
     with pytest.raises(HwportError, match="framework 'flax': must be one of"):
         runner.run("dojo", "digits", "train", steps=5, framework="flax")
 
