@@ -391,10 +391,18 @@ def measure(op: str, algorithm: str, world: int, elements: int, fmt: str, seed: 
             got.append(torch.tensor_split(out.double(), sched.chunks)[r])
         else:
             got.append(out.double())
-    diff = torch.cat([(g - w).abs() for g, w in zip(got, want, strict=True)])
-    ref = torch.cat(want)
-    scale = float(ref.abs().max()) or 1.0
-    rms = float(ref.pow(2).mean().sqrt()) or 1.0
     same = op not in ("all_reduce", "all_gather", "broadcast") or all(
         torch.equal(got[0], g) for g in got)
-    return Measured(float(diff.max()) / scale, float(diff.mean()) / rms, same)
+    return Measured(*relative_error(torch.cat(got).numpy(), torch.cat(want).numpy()), same)
+
+
+def relative_error(got: Any, exact: Any) -> tuple[float, float]:
+    """``got``'s error against ``exact`` (numpy arrays, compared in float64): the largest
+    error over the largest exact magnitude, and the mean error over the exact RMS."""
+    import numpy as np
+
+    got, exact = np.asarray(got, np.float64), np.asarray(exact, np.float64)
+    diff = np.abs(got - exact)
+    top = float(np.abs(exact).max(initial=0.0)) or 1.0
+    rms = float(np.sqrt(np.mean(exact ** 2))) if exact.size else 0.0
+    return float(diff.max(initial=0.0)) / top, float(diff.mean()) / (rms or 1.0)

@@ -18,6 +18,7 @@ with an error). Telemetry is device 0's, as torch's data-parallel run reports ra
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -95,6 +96,14 @@ def _layout(n: int, chunks: int) -> tuple[np.ndarray, np.ndarray]:
     return index, back
 
 
+def _mapped(fn: Any, world: int, in_specs: Any) -> Any:
+    """``fn`` jitted on the first ``world`` devices, one call per device under
+    ``shard_map`` over :data:`AXIS`, its outputs stacked along a leading device axis."""
+    mesh = Mesh(np.array(jax.devices()[:world]), (AXIS,))
+    return jax.jit(jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=SHARDED,
+                                 check_vma=False))
+
+
 def execute(sched: collectives.Schedule, flat: Any, fmt: str) -> Any:
     """Run ``sched`` on this device's ``flat`` float32 vector inside ``shard_map`` over
     :data:`AXIS`, every reduction rounded to ``fmt`` to nearest in the schedule's order."""
@@ -132,13 +141,16 @@ class DataParallel(jaxrun.Trainer):
         self.schedule = collectives.schedule("all_reduce", self.algorithm, world, ic.shape)
         self.reduction = r.reduction_format or ic.reduction_format
         self.errors: list[tuple[float, float]] = []
-        self.order: list[str] = []
-        self.elements = 0
+        self.shapes: dict[str, tuple[int, ...]] = {}  # in torch's order: the reduced layout
         self._program: Any = None
 
+    @property
+    def elements(self) -> int:
+        """The gradient elements all-reduced per step."""
+        return sum(math.prod(s) for s in self.shapes.values())
+
     def prepare(self, init: dict[str, np.ndarray]) -> tuple[Any, Any, Any]:
-        self.order = list(init)  # torch's parameter order: the all-reduced vector's layout
-        self.elements = sum(int(v.size) for v in init.values())
+        self.shapes = {k: tuple(v.shape) for k, v in init.items()}
         return super().prepare(init)
 
     def batches(self, seed: int) -> Iterator[Any]:
@@ -147,7 +159,7 @@ class DataParallel(jaxrun.Trainer):
             yield tuple(np.concatenate(xs) for xs in zip(*parts, strict=True))
 
     def _build(self) -> Any:
-        order, sched, red, world = self.order, self.schedule, self.reduction, self.world
+        order, sched, red, world = list(self.shapes), self.schedule, self.reduction, self.world
         grads_fmt = self.lowered.recipe.gradients
 
         def device(params: Any, batch: Any, scale: Any) -> Any:
@@ -158,9 +170,7 @@ class DataParallel(jaxrun.Trainer):
                    "reduced": reduced}
             return jax.tree_util.tree_map(lambda a: jnp.asarray(a)[None], out)
 
-        mesh = Mesh(np.array(jax.devices()[:world]), (AXIS,))
-        return jax.jit(jax.shard_map(device, mesh=mesh, in_specs=(REPLICATED, SHARDED, REPLICATED),
-                                     out_specs=SHARDED, check_vma=False))
+        return _mapped(device, world, (REPLICATED, SHARDED, REPLICATED))
 
     def gradients(self, params: Any, batch: Any) -> tuple[Any, Any, dict[str, Any], Any, bool,
                                                              bool]:
@@ -172,13 +182,11 @@ class DataParallel(jaxrun.Trainer):
             raise HwportError(f"data-parallel JAX run on {self.lowered.backend.name}: the "
                               f"{self.world} devices reduced to different gradients")
         exact = out["local"].astype(np.float64).sum(0) / self.world
-        from hwport.parallel import gradient_error
-
-        self.errors.append(gradient_error(reduced[0].astype(np.float64), exact))
+        self.errors.append(collectives.relative_error(reduced[0], exact))
         grads, offset = {}, 0
-        for k in self.order:
-            size = int(np.prod(np.shape(params[k])))
-            grads[k] = jnp.asarray(reduced[0][offset:offset + size].reshape(np.shape(params[k])))
+        for k, shape in self.shapes.items():
+            size = math.prod(shape)
+            grads[k] = jnp.asarray(reduced[0][offset:offset + size].reshape(shape))
             offset += size
         devices = [jax.tree_util.tree_map(lambda a, d=d: a[d], out["totals"])
                    for d in range(self.world)]
@@ -193,9 +201,7 @@ def _all_reduce(algorithm: str, inputs: np.ndarray, fmt: str, shape: tuple[int, 
     world = inputs.shape[0]
     jax.config.update("jax_num_cpu_devices", world)  # type: ignore[no-untyped-call]
     sched = collectives.schedule("all_reduce", algorithm, world, shape)
-    mesh = Mesh(np.array(jax.devices()[:world]), (AXIS,))
-    run = jax.jit(jax.shard_map(lambda v: execute(sched, v[0], fmt)[None], mesh=mesh,
-                                in_specs=SHARDED, out_specs=SHARDED, check_vma=False))
+    run = _mapped(lambda v: execute(sched, v[0], fmt)[None], world, SHARDED)
     return np.asarray(run(jnp.asarray(inputs, jnp.float32)))
 
 
@@ -234,7 +240,6 @@ def train(spec: BackendSpec, recipe: Recipe, pipeline: str, steps: int | None,
     """Train ``pipeline``'s twin on ``world`` JAX devices of a fresh process: its curve,
     metrics, initial metrics, finiteness, telemetry, notes, the all-reduce's algorithm and
     reduction format, the per-step gradient errors and the elements reduced per step."""
-    jaxrun.check(lower(recipe, spec))  # refused here, not in the child
     got: dict[str, Any] = collectives.launch(1, _child, world, spec.to_dict(), recipe,
                                              pipeline, steps, options, seed, timeout=timeout,
                                              group=False)[0]

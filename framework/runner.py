@@ -261,7 +261,8 @@ def run(backend: str | BackendSpec, pipeline: str | Pipeline | PipelineFactory,
     ``capture=False`` runs every training step eagerly under the dispatch mode (same results,
     slower): for a step whose Python does something different from one call to the next
     with the same batch shapes (see :meth:`Emulator.train_step`). ``world_size`` > 1 trains
-    data-parallel on that many processes (:mod:`hwport.parallel`).
+    data-parallel on that many processes (:mod:`hwport.parallel`; JAX: devices,
+    :mod:`hwport.jaxparallel`).
 
     ``session`` (:meth:`hwport.store.Store.begin`) commits the result to a results store as
     the cell at ``position`` of that run (None: a porting search's trial); with the
@@ -279,6 +280,8 @@ def run(backend: str | BackendSpec, pipeline: str | Pipeline | PipelineFactory,
     spec, rec = _spec(backend), _recipe(recipe)
     rules = rules or OutcomeRules()
     p = resolve_pipeline(pipeline, steps, options)
+    if framework == "jax":
+        _check_jax(p, spec, rec)
     key = store.cell_key(spec, p, mode, rec, seed, world_size, rules, framework)
     if session is not None:
         hit = session.reuse(position, key)
@@ -394,15 +397,11 @@ def _run_jax(spec: BackendSpec, p: Pipeline, mode: str, rec: Recipe, seed: int,
     """One cell of the pipeline's JAX twin (see :func:`run`). The memory plan and step time
     are the same model's, measured as for torch: they depend on the model and the backend,
     not on the framework."""
-    try:
-        from hwport import jaxrun
-        from hwport.pipelines.jaxnets import twin
-    except ImportError as e:
-        raise HwportError(f"--framework jax needs JAX ({e}): pip install 'hwport[jax]'") \
-            from None
+    from hwport import jaxrun
+    from hwport.pipelines.jaxnets import twin
+
     jp = twin(p)
     lowered = lower(rec, spec)
-    jaxrun.check(lowered)  # before the reference is trained
     ref = _reference_jax(p, seed)
     t0 = time.perf_counter()
     if mode == "train":
@@ -433,6 +432,19 @@ def _run_jax(spec: BackendSpec, p: Pipeline, mode: str, rec: Recipe, seed: int,
     plan, step = profile.measure(p, model, lowered, mode, seed)
     result.memory, result.time = plan.to_dict(), step.to_dict()
     return result
+
+
+def _check_jax(p: Pipeline, spec: BackendSpec, rec: Recipe) -> None:
+    """Refuse, before any reference trains, a JAX cell that cannot run: JAX missing, the
+    pipeline without a twin, a recipe feature the JAX engine does not model."""
+    try:
+        from hwport import jaxrun
+        from hwport.pipelines.jaxnets import twin
+    except ImportError as e:
+        raise HwportError(f"--framework jax needs JAX ({e}): pip install 'hwport[jax]'") \
+            from None
+    twin(p)
+    jaxrun.check(lower(rec, spec))
 
 
 def _reference_jax(p: Pipeline, seed: int) -> dict[str, Any]:
