@@ -47,9 +47,9 @@ def main() -> None:
     data = [next(batches) for _ in range(args.steps + 3)]
 
     native_fb = jax.jit(jax.value_and_grad(jp.loss))
-    native_update = jax.jit(jp.adamw.update)
+    native_update = jax.jit(jp.optimizer.update)
     params = {k: jnp.asarray(v) for k, v in init.items()}
-    state = jp.adamw.init_state(params)
+    state = jp.optimizer.init_state(params)
 
     trainer = Trainer(jp, lowered, 0)
 
@@ -73,7 +73,7 @@ def main() -> None:
         t0 = time.perf_counter()
         jax.block_until_ready(native_fb(params, batch))
         t1 = time.perf_counter()
-        jax.block_until_ready(trainer._fb(e_params, batch, jnp.float32(trainer.scale)))
+        jax.block_until_ready(trainer.programs.fb(e_params, batch, jnp.float32(trainer.scale)))
         t2 = time.perf_counter()
         params, state = native_step(params, state, batch)
         t3 = time.perf_counter()

@@ -50,7 +50,7 @@ from hwport.recipes import Lowered, Recipe, compute_format, lower
 from hwport.rounding import KernelParams, Rounding, kernel_params, round_jax, tally_jax
 from hwport.spec import BackendSpec
 
-__all__ = ["Emulated", "UnsupportedPrimitive", "emulate"]
+__all__ = ["Emulated", "Packed", "UnsupportedPrimitive", "emulate", "pack", "unpack"]
 
 MATMUL = {"dot_general", "conv_general_dilated", "ragged_dot_general"}
 # values unchanged (or a choice among the inputs' values): the output keeps their format
@@ -129,6 +129,9 @@ def _rounder(p: KernelParams) -> Callable[[Any], Any]:
     return rnd  # type: ignore[no-any-return]
 
 
+COLUMNS = ("overflow", "underflow", "elements", "nonfinite")  # a loop's counts, per key
+
+
 @dataclass
 class Telemetry:
     """Overflow and underflow counts per rounding key (``phase/op class``), as traced
@@ -147,6 +150,46 @@ class Telemetry:
                     "elements": sum(v[2] for v in rows), "nonfinite": sum(v[3] for v in rows),
                     "roundings": len(rows)}
                 for k, rows in sorted(self.counts.items())}
+
+
+Layout = tuple[tuple[str, int], ...]  # (key, roundings) per row of packed counts
+
+
+def pack(totals: dict[str, dict[str, Any]]) -> tuple[Layout, Any]:
+    """:meth:`Telemetry.totals` as (its static layout, one int32 array [keys, 4] of
+    ``COLUMNS``): a program's telemetry leaves it as one array, not one per count."""
+    layout = tuple((k, int(v["roundings"])) for k, v in totals.items())
+    rows = [jnp.stack([jnp.asarray(v[c], jnp.int32) for c in COLUMNS]) for v in totals.values()]
+    return layout, jnp.stack(rows) if rows else jnp.zeros((0, len(COLUMNS)), jnp.int32)
+
+
+def unpack(layout: Layout, counts: Any) -> dict[str, dict[str, int]]:
+    """Packed counts (on the host) as :meth:`Telemetry.totals` lays them out."""
+    rows = np.asarray(counts).tolist()
+    return {k: {**dict(zip(COLUMNS, (int(v) for v in row), strict=True)), "roundings": n}
+            for (k, n), row in zip(layout, rows, strict=True)}
+
+
+class Packed:
+    """A jitted program of ``fn`` (returning ``(outputs, totals)``, as
+    :meth:`Emulated.with_telemetry`) whose counts leave it packed: calling it returns
+    ``(outputs, totals)`` with the totals on the host, after one transfer. Trace it inside
+    another program with :meth:`traced`, which records the layout."""
+
+    def __init__(self, fn: Callable[..., tuple[Any, dict[str, dict[str, Any]]]]) -> None:
+        self.fn = fn
+        self.layout: Layout = ()
+        self.program = jax.jit(self.traced)
+
+    def traced(self, *args: Any) -> tuple[Any, Any]:
+        """``(outputs, packed counts)``, traceable."""
+        out, totals = self.fn(*args)
+        self.layout, counts = pack(totals)
+        return out, counts
+
+    def __call__(self, *args: Any) -> tuple[Any, dict[str, dict[str, int]]]:
+        out, counts = self.program(*args)
+        return out, unpack(self.layout, counts)
 
 
 @dataclass
@@ -497,7 +540,6 @@ def _counting(ctx: _Ctx, fn: Callable[..., Any], keys: dict[str, int]
     return counted
 
 
-COLUMNS = ("overflow", "underflow", "elements", "nonfinite")  # a loop's counts, per key
 
 
 def _merge(ctx: _Ctx, keys: dict[str, int], counts: Any) -> None:

@@ -30,6 +30,7 @@ from jax.sharding import Mesh, PartitionSpec
 
 from hwport import collectives, jaxrun
 from hwport.errors import HwportError
+from hwport.jax import unpack
 from hwport.pipelines.jaxnets import JaxPipeline
 from hwport.recipes import Lowered, Recipe, lower
 from hwport.rounding import quantize
@@ -176,7 +177,7 @@ class DataParallel(jaxrun.Trainer):
                                                              bool]:
         if self._program is None:
             self._program = self._build()
-        out = jax.device_get(self._program(params, batch, jnp.float32(self.scale)))
+        out = jax.device_get(self._program(params, batch, np.float32(self.scale)))
         reduced = out["reduced"]
         if not all(np.array_equal(reduced[0], x, equal_nan=True) for x in reduced[1:]):
             raise HwportError(f"data-parallel JAX run on {self.lowered.backend.name}: the "
@@ -188,8 +189,7 @@ class DataParallel(jaxrun.Trainer):
             size = math.prod(shape)
             grads[k] = jnp.asarray(reduced[0][offset:offset + size].reshape(shape))
             offset += size
-        devices = [jax.tree_util.tree_map(lambda a, d=d: a[d], out["totals"])
-                   for d in range(self.world)]
+        devices = [unpack(self.programs.fb.layout, t) for t in out["totals"]]
         values = out["value"]
         value = values[0] if np.isfinite(values).all() else np.float32("nan")
         return (value, grads, devices[0], out["counts"][0], bool(np.isfinite(reduced[0]).all()),

@@ -8,20 +8,24 @@ does, in JAX, with :func:`hwport.jax.emulate` for forward and backward:
   cotangent; gradients rounded to the gradient format;
 * loss scaling with GradScaler semantics (skip and back off on an inf or NaN gradient, or
   on any backward overflow with ``check="overflow_flags"``; grow after an interval);
-* AdamW as torch's single-tensor implementation writes it, each of its writes rounded as
-  the torch engine rounds them: optimizer state to the state format, each parameter write
-  to the master (or weights) format with the recipe's update rounding (stochastic rounding
-  keyed by seed, step and write, so a run is reproducible), lost updates counted; natively
-  when nothing needs rounding.
+* the twin's optimizer (AdamW or SGD) as torch's single-tensor implementation writes it,
+  each of its writes rounded as the torch engine rounds them: optimizer state to the state
+  format, each parameter write to the master (or weights) format with the recipe's update
+  rounding (stochastic rounding keyed by seed, step and write, so a run is reproducible;
+  in software or not, the same bits), lost updates counted; with Kahan updates each
+  write's rounding error carried into the parameter's next write; natively when nothing
+  needs rounding.
 
 Forward-backward and the update are each one ``jax.jit`` program; the host reads the step's
-overflow flags for loss scaling, as the torch engine does.
+overflow flags for loss scaling, as the torch engine does, the telemetry packed into one
+array (:class:`hwport.jax.Packed`).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import jax
@@ -31,13 +35,13 @@ import numpy as np
 from hwport.engine import Telemetry, seeded
 from hwport.errors import HwportError
 from hwport.formats import FloatFormat
-from hwport.jax import emulate
+from hwport.jax import Packed, emulate
 from hwport.pipelines.jaxnets import JaxPipeline
-from hwport.recipes import Lowered, compute_format
+from hwport.recipes import Lowered, Recipe, compute_format
 from hwport.rounding import Rounding, _lowbias32, kernel_params, round_counted_jax
+from hwport.spec import BackendSpec
 
-UNSUPPORTED = {"fp8_scaling": "per-tensor FP8 scaling", "kahan_updates": "Kahan updates",
-               "software_stochastic": "software stochastic rounding"}
+UNSUPPORTED = {"fp8_scaling": "per-tensor FP8 scaling"}
 
 
 def check(lowered: Lowered) -> None:
@@ -82,7 +86,8 @@ def overflowed(totals: dict[str, Any]) -> bool:
 def _add(t: Telemetry, key: str, c: Any) -> None:
     """Add one [elements, overflow, underflow, nonfinite] row to ``t.rounding[key]``."""
     n, *rest = (int(v) for v in np.asarray(c).tolist())
-    t.rounding[key].add(n, rest)
+    if n:  # nothing rounded (an fp32 format, no elements): no row, as in the torch engine
+        t.rounding[key].add(n, rest)
 
 
 def _add_emulated(t: Telemetry, totals: dict[str, Any]) -> None:
@@ -102,9 +107,28 @@ def _numerics(lowered: Lowered) -> tuple[Any, ...]:
             spec.precision.accumulation_interval)
 
 
-# compiled steps by what determines them (pipeline, optimizer, recipe, formats): a compare's
-# cells on backends with the same numerics share one compilation
-_PROGRAMS: dict[Any, tuple[Any, Any, Any, Any, Any]] = {}
+@dataclass
+class _Programs:
+    """The compiled programs of a training run (see :class:`Trainer`)."""
+
+    fb: Packed  # forward and backward: ((loss, gradients, gradient counts, finite), totals)
+    evaluate: Packed
+    update: Any
+    cast: Any
+
+
+# compiled programs by what determines them (pipeline, optimizer, recipe, formats): a
+# compare's cells on backends with the same numerics share one compilation
+_PROGRAMS: dict[Any, Any] = {}
+
+
+def _cached(key: Any, build: Callable[[], Any]) -> Any:
+    """``_PROGRAMS[key]``, built on first use (the oldest entry dropped past 32)."""
+    if key not in _PROGRAMS:
+        if len(_PROGRAMS) >= 32:
+            _PROGRAMS.pop(next(iter(_PROGRAMS)))
+        _PROGRAMS[key] = build()
+    return _PROGRAMS[key]
 
 
 class Trainer:
@@ -121,20 +145,18 @@ class Trainer:
         self.master = fmt(r.master_weights) if r.master_weights else None
         self.state = fmt(r.optimizer_state)
         self.has_master = r.master_weights is not None
+        self.target = self.master if self.has_master else self.weights  # what updates write
         self.rounding = Rounding(r.update_rounding)
         self.rbits = spec.precision.stochastic_rounding_bits or 23
-        self.native_update = (self.master if self.has_master else self.weights) is None \
-            and self.state is None
         self.telemetry = Telemetry(execution="jit")
         self.scale = r.loss_scaling.init_scale if r.loss_scaling else 1.0
         self._growth = 0
         self.steps_applied = 0
+        key = ("train", jp.torch.key(), jp.optimizer, _numerics(lowered), self.rbits)
+        self.programs: _Programs = _cached(key, self._compile)
 
-        key = ("train", jp.torch.key(), jp.adamw, _numerics(lowered), self.rbits)
-        cached = _PROGRAMS.get(key)
-        if cached is not None:  # the same program: compiled once per process
-            self.forward_backward, self._fb, self._evaluate, self._update, self._cast = cached
-            return
+    def _compile(self) -> _Programs:
+        spec, r, jp = self.lowered.backend, self.lowered.recipe, self.jp
 
         def scaled(params: Any, batch: Any, scale: Any) -> tuple[Any, Any]:
             value, vjp = jax.vjp(lambda q: jp.loss(q, batch), params)
@@ -148,33 +170,35 @@ class Trainer:
             counts = sum(c for _, c in rounded.values())
             grads = {k: g for k, (g, _) in rounded.items()}
             finite = jnp.all(jnp.stack([jnp.isfinite(g).all() for g in grads.values()]))
-            return value, grads, totals, counts, finite
-
-        self.forward_backward = forward_backward  # traceable: data parallelism maps it
-        self._fb = jax.jit(forward_backward)
-        self._evaluate = jax.jit(emulate(jp.evaluate, spec, r).with_telemetry)
-        self._update = jax.jit(self._update_fn)
+            return (value, grads, counts, finite), totals
 
         def cast(master: Any) -> Any:
             out = {k: _counted(v, self.weights) for k, v in master.items()}
             return {k: v for k, (v, _) in out.items()}, sum(c for _, c in out.values())
 
-        self._cast = jax.jit(cast)
-        if len(_PROGRAMS) >= 32:
-            _PROGRAMS.pop(next(iter(_PROGRAMS)))
-        _PROGRAMS[key] = (forward_backward, self._fb, self._evaluate, self._update, self._cast)
+        return _Programs(Packed(forward_backward), Packed(_evaluation(jp, spec, r)),
+                         jax.jit(self._update_fn), jax.jit(cast))
+
+    def forward_backward(self, params: Any, batch: Any, scale: Any) -> Any:
+        """Traceable forward and backward (data parallelism maps it): (loss, gradients,
+        packed telemetry counts, gradient rounding counts, finite); the counts' layout is
+        ``self.programs.fb.layout`` once traced."""
+        (value, grads, counts, finite), packed = self.programs.fb.traced(params, batch, scale)
+        return value, grads, packed, counts, finite
 
     # -- parameters -----------------------------------------------------------------------
     def prepare(self, init: dict[str, np.ndarray]) -> tuple[Any, Any, Any]:
-        """(compute params in the weights format, master params or None, AdamW state)."""
+        """(compute params in the weights format, master params or None, optimizer state;
+        with Kahan updates its ``c``, each parameter's compensation)."""
         params = {k: jnp.asarray(v, jnp.float32) for k, v in init.items()}
         master = None
         if self.has_master:
             master = {k: self._round(v, self.master, "init/master") for k, v in params.items()}
         params = {k: self._round(v, self.weights, "init/weights") for k, v in params.items()}
         target = master if master is not None else params
-        state = {"m": {k: jnp.zeros_like(v) for k, v in target.items()},
-                 "v": {k: jnp.zeros_like(v) for k, v in target.items()}}
+        state = self.jp.optimizer.init_state(target)
+        if self.lowered.recipe.kahan_updates:  # -0.0: adding it changes nothing, not even -0
+            state["c"] = {k: jnp.full_like(v, -0.0) for k, v in target.items()}
         return params, master, state
 
     def _round(self, x: Any, fmt: FloatFormat | None, key: str) -> Any:
@@ -184,7 +208,7 @@ class Trainer:
 
     # -- the step -------------------------------------------------------------------------
     def evaluate(self, params: Any) -> dict[str, float]:
-        metrics, totals = self._evaluate(params)
+        metrics, totals = self.programs.evaluate(params)
         _add_emulated(self.telemetry, totals)
         return {k: float(v) for k, v in metrics.items()}
 
@@ -197,9 +221,8 @@ class Trainer:
         """Forward and backward at the current loss scale: (loss, gradients rounded to their
         format and still scaled, telemetry totals, gradient rounding counts, whether every
         gradient is finite, whether backward overflowed)."""
-        value, grads, totals, counts, finite = self._fb(params, batch,
-                                                        jnp.float32(self.scale))
-        totals = jax.device_get(totals)
+        (value, grads, counts, finite), totals = self.programs.fb(params, batch,
+                                                                   np.float32(self.scale))
         return value, grads, totals, counts, bool(finite), overflowed(totals)
 
     def step(self, params: Any, master: Any, state: Any, batch: Any,
@@ -210,24 +233,26 @@ class Trainer:
         _add(self.telemetry, "backward/gradients", counts)
         if self._skip(finite, over):
             return float(value), params, master, state
-        unscale = jnp.float32(1.0 / self.scale)
-        lr = self.jp.adamw.lr
+        unscale = np.float32(1.0 / self.scale)
+        lr = self.jp.optimizer.lr
         if self.lowered.recipe.warmup_steps:
             lr *= min(1.0, (self.steps_applied + 1) / self.lowered.recipe.warmup_steps)
         target = master if master is not None else params
-        new, state, counts = self._update(target, grads, state, jnp.int32(self.steps_applied + 1),
-                                          jnp.float32(lr), jnp.int32(index), unscale,
-                                          jnp.int32(self.seed & 0x7FFFFFFF))
+        # numpy scalars: passed with the call, not put on the device one by one
+        new, state, counts = self.programs.update(target, grads, state, np.float32(lr),
+                                                  np.int32(index), unscale,
+                                                  np.int32(self.seed & 0x7FFFFFFF))
         self.steps_applied += 1
-        if not self.native_update:
-            c = np.asarray(counts)
+        c = np.asarray(counts)
+        if self.target is not None:
             _add(self.telemetry, "optimizer/weights", c[0])
-            _add(self.telemetry, "optimizer/state", c[1])
             self.telemetry.updates_attempted += int(c[2, 0])
             self.telemetry.updates_lost += int(c[2, 1])
+        if self.state is not None:
+            _add(self.telemetry, "optimizer/state", c[1])
         if master is not None:
             master = new
-            params, c = self._cast(new)
+            params, c = self.programs.cast(new)
             _add(self.telemetry, "optimizer/weights_cast", c)
         else:
             params = new
@@ -244,50 +269,50 @@ class Trainer:
         self.telemetry.skipped_steps += found
         return found
 
-    def _update_fn(self, params: Any, grads: Any, state: Any, t: Any, lr: Any,
-                   index: Any, unscale: Any, seed: Any) -> tuple[Any, Any, Any]:
-        """torch's single-tensor AdamW, each write rounded as the torch engine rounds it:
-        parameter writes to the target format with the update rounding, state writes (and
-        the optimizer's other results) to the state format."""
-        a = self.jp.adamw
-        b1, b2 = a.betas
-        target = self.master if self.has_master else self.weights
+    def _update_fn(self, params: Any, grads: Any, state: Any, lr: Any, index: Any,
+                   unscale: Any, seed: Any) -> tuple[Any, Any, Any]:
+        """The twin's optimizer step (torch's algorithm, :mod:`hwport.pipelines.jaxnets`),
+        each write rounded as the torch engine rounds it: parameter writes to the target
+        format with the update rounding (with Kahan updates, the error each write leaves
+        carried into the next, in ``state["c"]``), counting the writes whose rounding undid
+        them; state writes (and the optimizer's other results) to the state format.
+        Returns (params, state, counts [weights, state, lost]); rows stay zero for fp32,
+        where the torch engine counts nothing."""
+        kahan = self.lowered.recipe.kahan_updates
         zero = jnp.zeros(4, jnp.int32)
-        w_counts, s_counts, lost = [zero], [zero], [jnp.zeros(2, jnp.int32)]
+        w_counts, s_counts, lost = [zero], [zero], [zero]
+        comp = dict(state.get("c", {}))
         site = [0]
 
-        def write(old: Any, exact: Any) -> Any:  # a parameter written in place
+        def write(name: str, old: Any, exact: Any) -> Any:  # a parameter written in place
             site[0] += 1
-            key = _keys(seed, index, site[0])
-            y, c = _counted(exact, target, self.rounding, key, self.rbits)
-            w_counts.append(c)
+            if self.target is None:
+                return exact
             changed = exact != old
-            lost.append(jnp.stack([jnp.sum(changed), jnp.sum(changed & (y == old))]
-                                  ).astype(jnp.int32))
+            if kahan:
+                exact = exact + comp[name]
+            y, c = _counted(exact, self.target, self.rounding, _keys(seed, index, site[0]),
+                            self.rbits)
+            if kahan:
+                comp[name] = exact - y
+            w_counts.append(c)
+            lost.append(jnp.stack([jnp.sum(changed), jnp.sum(changed & (y == old)),
+                                   *zero[:2]]).astype(jnp.int32))
             return y
 
-        def st(x: Any) -> Any:  # a state write, or another result of the optimizer
+        def store(x: Any) -> Any:  # a state write, or another result of the optimizer
+            if self.state is None:
+                return x
             y, c = _counted(x, self.state)
             s_counts.append(c)
             return y
 
-        tf = t.astype(jnp.float32)
-        # 1 - b**t without float32's cancellation (torch computes it in float64)
-        bc1, bc2 = -jnp.expm1(tf * math.log(b1)), -jnp.expm1(tf * math.log(b2))
-        step_size = lr / bc1
-        new_p, new_m, new_v = {}, {}, {}
-        for k in sorted(params):
-            p, g, m, v = params[k], grads[k] * unscale, state["m"][k], state["v"][k]
-            if a.weight_decay:
-                p = write(p, p * (1 - lr * a.weight_decay))
-            m = st(m + (1 - b1) * (g - m))  # lerp_(grad, 1 - beta1)
-            v = st(st(v * b2) + (1 - b2) * g * g)  # mul_(beta2).addcmul_(grad, grad)
-            denom = st(st(st(jnp.sqrt(v)) / jnp.sqrt(bc2)) + a.eps)
-            p = write(p, p + (-step_size) * m / denom)  # addcdiv_(exp_avg, denom, -step)
-            new_p[k], new_m[k], new_v[k] = p, m, v
-        counts = jnp.stack([sum(w_counts), sum(s_counts),
-                            jnp.concatenate([sum(lost), jnp.zeros(2, jnp.int32)])])
-        return new_p, {"m": new_m, "v": new_v}, counts
+        grads = {k: g * unscale for k, g in grads.items()}
+        new, opt_state = self.jp.optimizer.apply(
+            params, grads, {k: v for k, v in state.items() if k != "c"}, lr, write, store)
+        if kahan:
+            opt_state["c"] = comp
+        return new, opt_state, jnp.stack([sum(w_counts), sum(s_counts), sum(lost)])
 
 
 def train(jp: JaxPipeline, lowered: Lowered, seed: int,
@@ -320,6 +345,19 @@ def train(jp: JaxPipeline, lowered: Lowered, seed: int,
             "telemetry": trainer.telemetry.to_dict(), "params": params}
 
 
+def _evaluation(jp: JaxPipeline, spec: BackendSpec, recipe: Recipe
+                ) -> Callable[[Any], tuple[dict[str, Any], dict[str, Any]]]:
+    """The twin's validation metrics with the model emulated and the metrics computed
+    from its outputs natively (as the torch engine evaluates), and the model's telemetry."""
+    model = emulate(jp.outputs, spec, recipe)
+
+    def evaluation(params: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+        out, totals = model.with_telemetry(params)
+        return jp.measure(out), totals
+
+    return evaluation
+
+
 def infer(jp: JaxPipeline, lowered: Lowered, params: Any) -> dict[str, Any]:
     """The trained ``params`` served under ``lowered``: logits, metrics, telemetry."""
     check(lowered)
@@ -330,14 +368,12 @@ def infer(jp: JaxPipeline, lowered: Lowered, params: Any) -> dict[str, Any]:
     for k, v in params.items():
         stored[k], c = _counted(jnp.asarray(v), fmt)
         _add(telemetry, "init/weights", c)
-    key = ("infer", jp.torch.key(), _numerics(lowered))
-    programs = _PROGRAMS.get(key)
-    if programs is None:
-        programs = (jax.jit(emulate(jp.predict, spec, r).with_telemetry),
-                    jax.jit(emulate(jp.evaluate, spec, r).with_telemetry), None, None, None)
-        _PROGRAMS[key] = programs
-    logits, t1 = programs[0](stored)
-    metrics, t2 = programs[1](stored)
+    predict, evaluation = _cached(
+        ("infer", jp.torch.key(), _numerics(lowered)),
+        lambda: (Packed(emulate(jp.predict, spec, r).with_telemetry),
+                 Packed(_evaluation(jp, spec, r))))
+    logits, t1 = predict(stored)
+    metrics, t2 = evaluation(stored)
     _add_emulated(telemetry, t1)
     _add_emulated(telemetry, t2)
     return {"logits": np.asarray(logits, np.float64),

@@ -425,7 +425,12 @@ def round_jax(x: Any, p: KernelParams, keys: tuple[Any, Any] | None = None,
     Formats XLA converts to natively take that path, written in floating-point operations
     only (integer views of a value split XLA's fusions, making emulated programs several
     times slower). ``quiet=False`` there leaves a signaling NaN signaling rather than
-    quieting it (arithmetic never makes one; XLA fuses that form better)."""
+    quieting it (arithmetic never makes one; XLA fuses that form better). Either way a
+    select keeps the two conversions apart from the value's consumers: XLA folds a bare
+    pair into a consumer, which then computes in the narrow type (a sum of rounded values
+    accumulated in bf16, say). XLA's ``reduce_precision`` gives bf16's bits too, but was
+    measured slower in emulated programs where most values are rounded (2x on the ``lm``
+    step under pure bf16), and it flushes fp16's and e5m2's subnormals."""
     import jax.numpy as jnp
     from jax import lax
 

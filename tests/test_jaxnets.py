@@ -1,7 +1,8 @@
-"""hwport.pipelines.jaxnets: the JAX twins of digits and lm agree with torch in fp32."""
+"""hwport.pipelines.jaxnets: the JAX twins of the built-in pipelines agree with torch in fp32."""
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from typing import Any
 
@@ -16,16 +17,22 @@ import jax.numpy as jnp
 
 from hwport.errors import HwportError
 from hwport.pipeline import Pipeline
-from hwport.pipelines.jaxnets import AdamW, JaxPipeline, twin
+from hwport.pipelines.jaxnets import SGD, AdamW, JaxPipeline, twin
 from hwport.runner import resolve_pipeline
 
 SMALL_LM = {"steps": 3, "d_model": 32, "layers": 1, "context": 16, "batch_size": 4,
             "eval_windows": 4}
 
 
-@pytest.fixture(scope="module", params=["digits", "lm"])
+OPTIONS: dict[str, tuple[str, dict[str, Any]]] = {
+    "digits": ("digits", {}), "lm": ("lm", SMALL_LM), "tiny-gradients": ("tiny-gradients", {}),
+    "digits-sgd": ("digits", {"optimizer": "sgd"})}
+
+
+@pytest.fixture(scope="module", params=list(OPTIONS))
 def built(request: pytest.FixtureRequest) -> tuple[Pipeline, JaxPipeline]:
-    p = resolve_pipeline(request.param, options=SMALL_LM if request.param == "lm" else {})
+    name, options = OPTIONS[request.param]
+    p = resolve_pipeline(name, options=options)
     return p, twin(p)
 
 
@@ -49,7 +56,10 @@ def test_twin_agrees_with_torch(built: tuple[Pipeline, JaxPipeline]) -> None:
         assert params[k].dtype == np.float32
         np.testing.assert_array_equal(params[k], v.numpy())
     assert (tw.metric, tw.steps, tw.eval_every) == (p.metric, p.steps, p.eval_every)
-    assert tw.adamw == AdamW(lr=p.config["lr"])
+    want = {"digits": AdamW(lr=p.config["lr"]), "lm": AdamW(lr=p.config["lr"]),
+            "tiny-gradients": AdamW(lr=p.config["lr"], eps=1e-30, weight_decay=0.0)}
+    assert tw.optimizer == (SGD(p.config["lr"]) if p.config.get("optimizer") == "sgd"
+                            else want[p.name])
 
     for tb, nb in itertools.islice(zip(p.batches(3), tw.batches(3), strict=True), 2):
         assert all(isinstance(a, np.ndarray) for a in nb)
@@ -71,16 +81,17 @@ def test_twin_agrees_with_torch(built: tuple[Pipeline, JaxPipeline]) -> None:
     np.testing.assert_allclose(logits, torch_logits, rtol=0, atol=1e-4)
 
 
-def test_adamw_steps_match_torch(built: tuple[Pipeline, JaxPipeline]) -> None:
-    """The twin's gradients are torch's (to fp32 rounding); fed torch's gradients, AdamW's
-    steps (the first and two more, where the bias corrections differ) match torch's."""
+def test_optimizer_steps_match_torch(built: tuple[Pipeline, JaxPipeline]) -> None:
+    """The twin's gradients are torch's (to fp32 rounding); fed torch's gradients, the
+    twin's optimizer steps (the first and two more, where Adam's bias corrections differ)
+    match the torch pipeline's own optimizer (AdamW, Adam or SGD)."""
     p, tw = built
     model, params = pair(p, tw)
-    opt = torch.optim.AdamW(model.parameters(), lr=p.config["lr"], foreach=False)
+    opt = p.optimizer(model.parameters())
     names = [n for n, _ in model.named_parameters()]
-    state = tw.adamw.init_state(params)
+    state = tw.optimizer.init_state(params)
     assert int(state["step"]) == 0 and state["step"].dtype == jnp.int32
-    update = jax.jit(tw.adamw.update)
+    update = jax.jit(tw.optimizer.update)
     jparams: Any = params
     for i, (tb, nb) in enumerate(itertools.islice(zip(p.batches(0), tw.batches(0),
                                                       strict=True), 3)):
@@ -101,6 +112,9 @@ def test_adamw_steps_match_torch(built: tuple[Pipeline, JaxPipeline]) -> None:
             np.testing.assert_allclose(np.asarray(jparams[n]), q.detach().numpy(), rtol=1e-6,
                                        atol=1e-6 * p.config["lr"], err_msg=f"step {i + 1}: {n}")
             torch_state = opt.state[q]
+            if isinstance(tw.optimizer, SGD):
+                assert set(state) == {"step"} and not torch_state
+                continue
             np.testing.assert_allclose(np.asarray(state["m"][n]),
                                        torch_state["exp_avg"].numpy(), rtol=1e-6,
                                        atol=1e-6 * float(np.abs(grads[n]).max()))
@@ -115,12 +129,12 @@ def test_jitted_training_decreases_digits_loss() -> None:
     tw = twin(p)
     torch.manual_seed(0)
     params: Any = tw.init()
-    state = tw.adamw.init_state(params)
+    state = tw.optimizer.init_state(params)
 
     @jax.jit
     def step(params: Any, state: Any, batch: Any) -> tuple[Any, Any, jax.Array]:
         loss, grads = jax.value_and_grad(tw.loss)(params, batch)
-        params, state = tw.adamw.update(grads, state, params)
+        params, state = tw.optimizer.update(grads, state, params)
         return params, state, loss
 
     evaluate = jax.jit(tw.evaluate)
@@ -135,8 +149,7 @@ def test_jitted_training_decreases_digits_loss() -> None:
 
 
 def test_twin_of_another_pipeline_is_an_error() -> None:
-    with pytest.raises(HwportError, match=r"pipeline 'tiny-gradients' has no JAX twin; "
-                       r"twins exist for digits and lm"):
-        twin(resolve_pipeline("tiny-gradients"))
-    with pytest.raises(HwportError, match="optimizer='sgd'"):
-        twin(resolve_pipeline("digits", options={"optimizer": "sgd"}))
+    p = dataclasses.replace(resolve_pipeline("digits"), name="mine")
+    with pytest.raises(HwportError, match=r"pipeline 'mine' has no JAX twin; twins exist "
+                       r"for digits, lm, tiny-gradients"):
+        twin(p)

@@ -452,6 +452,35 @@ def test_jax_conversion_path_matches_the_kernel_with_flush_to_zero(name: str) ->
                 nan_bits=True, want_is="C kernel")
 
 
+@pytest.mark.parametrize("ftz", (False, True))
+@pytest.mark.parametrize("name", ["bf16", "fp16", "e5m2", "e4m3fn"])
+def test_jax_program_rounding_matches_the_kernel(name: str, ftz: bool) -> None:
+    """The form emulated programs round in (``quiet=False``), jitted inside arithmetic that
+    XLA could fold it into: the C kernel's bits for every input but a NaN, which stays a
+    NaN."""
+    fmt = FORMATS[name]
+    if ftz:
+        fmt = dataclasses.replace(fmt, name=f"{name}_ftz", subnormals=False)
+    p = rounding.kernel_params(fmt, 32, rounding.Rounding.NEAREST, None, None, 23)
+    x = cross_set(name)
+    ref = hwport.quantize(x, fmt)
+    got = jax.jit(lambda v: rounding.round_jax(v, p, quiet=False))(jnp.asarray(x))
+    assert_same(np.asarray(got), ref, x, f"{name} program rounding", want_is="C kernel")
+    # a rounded sum of rounded values (as an emulated reduction is): XLA rewrites a bare
+    # pair of conversions around a reduction into a reduction in the narrow type. These
+    # sums are exact in fp32 in any order, so only that rewrite could change them.
+    v = np.random.default_rng(0).uniform(1, 2, (256, 64)).astype(np.float32)
+
+    def rounded_sums(v: jax.Array) -> jax.Array:
+        return rounding.round_jax(jnp.sum(rounding.round_jax(v * 1.5, p, quiet=False),
+                                          axis=-1), p, quiet=False)
+
+    exact = hwport.quantize(v * np.float32(1.5), fmt).astype(np.float64).sum(axis=-1)
+    want = hwport.quantize(exact.astype(np.float32), fmt)
+    assert_same(np.asarray(jax.jit(rounded_sums)(jnp.asarray(v))), want, exact, f"{name} sums",
+                want_is="C kernel")
+
+
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("name", ["bf16", "e4m3fn", "cfp8t", "cfp8ftz", "cfp8_152_b63"])
 def test_jax_counts_match_the_kernel(name: str, mode: str) -> None:

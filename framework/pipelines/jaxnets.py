@@ -1,11 +1,12 @@
-"""The JAX twins of the built-in ``digits`` and ``lm`` pipelines.
+"""The JAX twins of the built-in ``digits``, ``lm`` and ``tiny-gradients`` pipelines.
 
 ``twin(p)`` turns a built torch :class:`hwport.pipeline.Pipeline` into a
 :class:`JaxPipeline`: the same program written in JAX. It trains on the very same batches
 (the torch pipeline's ``batches(seed)``, converted to numpy), starts from the same weights
 (the torch model's initial ``state_dict``, so ``torch.manual_seed`` decides both), computes
 the same architecture, loss and metrics on the same fixed evaluation set, and steps with
-the same optimizer (:class:`AdamW`, torch's algorithm in the order torch computes it). In
+the same optimizer (:class:`AdamW` or :class:`SGD`, torch's algorithms in the order torch
+computes them). In
 fp32 the two agree to rounding, which is what makes a JAX program emulated with
 ``hwport.jax.emulate`` comparable with the torch engine's run of its twin.
 
@@ -38,15 +39,24 @@ from torch.overrides import TorchFunctionMode
 from hwport.errors import HwportError
 from hwport.pipeline import Pipeline
 
-__all__ = ["AdamW", "JaxPipeline", "twin"]
+__all__ = ["SGD", "AdamW", "JaxPipeline", "Optimizer", "twin"]
 
 Params = dict[str, Any]
+
+
+def _keep(*args: Any) -> Any:
+    """A write that stores the exact result (the last argument): native fp32."""
+    return args[-1]
+
+
+Write = Callable[[str, Any, Any], Any]  # (parameter name, old value, exact new) -> stored
 
 
 @dataclass(frozen=True)
 class AdamW:
     """torch.optim.AdamW's algorithm (single-tensor, ``foreach=False``, no amsgrad), as pure
-    functions on pytrees; the defaults are torch's.
+    functions on pytrees; the defaults are torch's (``torch.optim.Adam`` is this with
+    ``weight_decay=0``).
 
     One step with gradient ``g`` at step ``t`` (counted from 1) does, per tensor, in fp32
     and in torch's order of operations::
@@ -75,28 +85,63 @@ class AdamW:
         return {"step": jnp.zeros((), jnp.int32), "m": zeros,
                 "v": jax.tree_util.tree_map(jnp.copy, zeros)}
 
-    def update(self, grads: Any, state: dict[str, Any],
-               params: Any) -> tuple[Any, dict[str, Any]]:
-        """One AdamW step: ``(new_params, new_state)`` from the gradients of ``params``
-        (pytrees of the same structure); pure, so it can be jitted with the loss."""
+    def apply(self, params: dict[str, Any], grads: dict[str, Any], state: dict[str, Any],
+              lr: Any, write: Write = _keep, store: Callable[[Any], Any] = _keep
+              ) -> tuple[dict[str, Any], dict[str, Any]]:
+        """One step at learning rate ``lr``, parameters in sorted name order: each write
+        of a parameter is ``write(name, old, exact)``'s value, each write of the state
+        (and each other result, as the torch engine rounds them) ``store(x)``'s."""
         b1, b2 = self.betas
         step = state["step"] + 1
         t = step.astype(jnp.float32)
-        bias_correction1 = -jnp.expm1(t * np.float32(math.log(b1)))
-        bias_correction2 = -jnp.expm1(t * np.float32(math.log(b2)))
-        step_size = self.lr / bias_correction1
-        bias_correction2_sqrt = jnp.sqrt(bias_correction2)
-        decay = 1.0 - self.lr * self.weight_decay
+        bc1 = -jnp.expm1(t * np.float32(math.log(b1)))
+        bc2 = -jnp.expm1(t * np.float32(math.log(b2)))
+        step_size = lr / bc1
+        new: dict[str, Any] = {"step": step, "m": {}, "v": {}}
+        out = {}
+        for k in sorted(params):
+            p, g, m, v = params[k], grads[k], state["m"][k], state["v"][k]
+            if self.weight_decay:
+                p = write(k, p, p * (1 - lr * self.weight_decay))
+            m = store(m + (1 - b1) * (g - m))  # lerp_(grad, 1 - beta1)
+            v = store(store(v * b2) + (1 - b2) * g * g)  # mul_(beta2).addcmul_(g, g)
+            denom = store(store(store(jnp.sqrt(v)) / jnp.sqrt(bc2)) + self.eps)
+            out[k] = write(k, p, p + (-step_size) * m / denom)  # addcdiv_(m, denom, -step)
+            new["m"][k], new["v"][k] = m, v
+        return out, new
 
-        tree_map = jax.tree_util.tree_map
-        m = tree_map(lambda m, g: m + (1.0 - b1) * (g - m), state["m"], grads)
-        v = tree_map(lambda v, g: v * b2 + (1.0 - b2) * g * g, state["v"], grads)
+    def update(self, grads: Any, state: dict[str, Any],
+               params: Any) -> tuple[Any, dict[str, Any]]:
+        """One AdamW step in fp32: ``(new_params, new_state)`` from the gradients of
+        ``params``; pure, so it can be jitted with the loss."""
+        return self.apply(params, grads, state, self.lr)
 
-        def step_one(p: Any, m: Any, v: Any) -> Any:
-            denom = jnp.sqrt(v) / bias_correction2_sqrt + self.eps
-            return p * decay + (-step_size) * m / denom
 
-        return tree_map(step_one, params, m, v), {"step": step, "m": m, "v": v}
+@dataclass(frozen=True)
+class SGD:
+    """torch.optim.SGD without momentum or weight decay (single-tensor):
+    ``p = p + (-lr) * g`` (``add_(grad, alpha=-lr)``), one write per parameter."""
+
+    lr: float
+
+    def init_state(self, params: Any) -> dict[str, Any]:
+        """The state before the first step: only the step count."""
+        return {"step": jnp.zeros((), jnp.int32)}
+
+    def apply(self, params: dict[str, Any], grads: dict[str, Any], state: dict[str, Any],
+              lr: Any, write: Write = _keep, store: Callable[[Any], Any] = _keep
+              ) -> tuple[dict[str, Any], dict[str, Any]]:
+        """One step at learning rate ``lr`` (see :meth:`AdamW.apply`)."""
+        out = {k: write(k, params[k], params[k] + (-lr) * grads[k]) for k in sorted(params)}
+        return out, {"step": state["step"] + 1}
+
+    def update(self, grads: Any, state: dict[str, Any],
+               params: Any) -> tuple[Any, dict[str, Any]]:
+        """One SGD step in fp32."""
+        return self.apply(params, grads, state, self.lr)
+
+
+Optimizer = AdamW | SGD
 
 
 @dataclass
@@ -111,21 +156,29 @@ class JaxPipeline:
     a torch model built under that seed). ``loss(params, batch)`` is the mean loss of a batch (a
     tuple of arrays, as ``batches`` yields them), ``evaluate(params)`` the validation
     metrics (``val_loss`` and the torch pipeline's metrics, as jnp scalars, usable under
-    ``jax.jit``) and ``predict(params)`` the logits on the fixed evaluation set. ``params``
-    is any mapping of those names to arrays (numpy or jnp).
+    ``jax.jit``): ``measure(outputs(params))``, the model's outputs on the evaluation set
+    and the metrics of those outputs. ``predict(params)`` gives the logits on the fixed
+    evaluation set. ``params`` is any mapping of those names to arrays (numpy or jnp).
     """
 
     name: str
     torch: Pipeline
     init: Callable[[], dict[str, np.ndarray]]
     loss: Callable[[Any, Any], jax.Array]
-    evaluate: Callable[[Any], dict[str, jax.Array]]
+    outputs: Callable[[Any], Any]
+    measure: Callable[[Any], dict[str, jax.Array]]
     predict: Callable[[Any], jax.Array]
     batches: Callable[[int], Iterator[tuple[np.ndarray, ...]]]
-    adamw: AdamW
+    optimizer: Optimizer
     metric: str
     steps: int
     eval_every: int
+
+    def evaluate(self, params: Any) -> dict[str, jax.Array]:
+        """The validation metrics: :attr:`measure` of the model's :attr:`outputs` on the
+        evaluation set (an engine emulates the model alone, as the torch engine emulates
+        only the model's forward when a pipeline evaluates)."""
+        return self.measure(self.outputs(params))
 
 
 # ---- building blocks, mirroring torch.nn's ----------------------------------------------
@@ -146,6 +199,13 @@ def layer_norm(params: Params, name: str, x: Any, eps: float = 1e-5) -> Any:
                 + params[f"{name}.bias"])
 
 
+def mse(pred: Any, targets: Any) -> jax.Array:
+    """F.mse_loss with mean reduction; under the ``loss`` scope."""
+    with jax.named_scope("loss"):
+        out: jax.Array = jnp.mean(jnp.square(pred - targets))
+        return out
+
+
 def cross_entropy(logits: Any, targets: Any) -> jax.Array:
     """F.cross_entropy with mean reduction: ``logits`` [..., classes], integer ``targets``
     [...]; under the ``loss`` scope."""
@@ -159,8 +219,9 @@ def cross_entropy(logits: Any, targets: Any) -> jax.Array:
 
 # ---- the evaluation set, read from the torch pipeline ------------------------------------
 
-class _CrossEntropyTargets(TorchFunctionMode):
-    """Records the ``target`` of every ``F.cross_entropy`` call made while active."""
+class _LossTargets(TorchFunctionMode):
+    """Records the ``target`` of every ``F.cross_entropy`` and ``F.mse_loss`` call made
+    while active."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -169,7 +230,7 @@ class _CrossEntropyTargets(TorchFunctionMode):
     def __torch_function__(self, func: Any, types: Any, args: Any = (),
                            kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
-        if func is F.cross_entropy:
+        if func is F.cross_entropy or func is F.mse_loss:
             self.targets.append(args[1] if len(args) > 1 else kwargs["target"])
         return func(*args, **kwargs)
 
@@ -179,7 +240,7 @@ def _evaluation_set(p: Pipeline, classes: int,
                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(evaluate's inputs, evaluate's targets, predict's inputs) of the torch pipeline ``p``,
     found by running them on a stand-in model that records its input and returns zero
-    logits of ``shape(input shape) + (classes,)``."""
+    outputs of ``shape(input shape) + (classes,)``."""
     seen: list[torch.Tensor] = []
 
     def stand_in(x: torch.Tensor) -> torch.Tensor:
@@ -187,22 +248,29 @@ def _evaluation_set(p: Pipeline, classes: int,
         return torch.zeros((*shape(tuple(x.shape)), classes))
 
     with torch.no_grad():
-        mode = _CrossEntropyTargets()
+        mode = _LossTargets()
         with mode:
             p.evaluate(stand_in)
         p.predict(stand_in)
     if len(seen) != 2 or len(mode.targets) != 1:
         raise HwportError(f"pipeline {p.name!r}: cannot read its evaluation set (expected "
-                          "evaluate to call the model once and F.cross_entropy once, and "
-                          "predict to call the model once)")
+                          "evaluate to call the model once and its loss (F.cross_entropy "
+                          "or F.mse_loss) once, and predict to call the model once)")
     return (seen[0].numpy(), mode.targets[0].detach().numpy().copy(), seen[1].numpy())
 
 
+Metrics = Callable[[jax.Array, Any, Any], dict[str, jax.Array]]
+
+
 def _common(p: Pipeline, name: str, forward: Callable[[Params, Any], Any], classes: int,
-            shape: Callable[[tuple[int, ...]], tuple[int, ...]],
-            metrics: Callable[[jax.Array, Any, Any], dict[str, jax.Array]]) -> JaxPipeline:
+            shape: Callable[[tuple[int, ...]], tuple[int, ...]], metrics: Metrics,
+            optimizer: Optimizer, criterion: Callable[[Any, Any], jax.Array] = cross_entropy,
+            loss_weight: float = 1.0) -> JaxPipeline:
+    """A twin from its forward pass: ``criterion`` (mean cross entropy or squared error)
+    is the validation loss, and times ``loss_weight`` the training loss."""
     ex, ey, px = _evaluation_set(p, classes, shape)
-    ey = ey.reshape(shape(ex.shape))
+    if criterion is cross_entropy:
+        ey = ey.reshape(shape(ex.shape))
 
     def init() -> dict[str, np.ndarray]:
         model = p.model()
@@ -210,30 +278,31 @@ def _common(p: Pipeline, name: str, forward: Callable[[Params, Any], Any], class
                 for k, v in model.state_dict().items()}
 
     def loss(params: Params, batch: Any) -> jax.Array:
-        return cross_entropy(forward(params, batch[0]), batch[1])
+        value = criterion(forward(params, batch[0]), batch[1])
+        return value * loss_weight if loss_weight != 1.0 else value
 
-    def evaluate(params: Params) -> dict[str, jax.Array]:
-        logits = forward(params, ex)
-        val_loss = cross_entropy(logits, ey)
-        return {"val_loss": val_loss, **metrics(val_loss, logits, ey)}
+    def outputs(params: Params) -> Any:
+        return forward(params, ex)
+
+    def measure(out: Any) -> dict[str, jax.Array]:
+        val_loss = criterion(out, ey)
+        return {"val_loss": val_loss, **metrics(val_loss, out, ey)}
 
     def batches(seed: int) -> Iterator[tuple[np.ndarray, ...]]:
         for batch in p.batches(seed):
             yield tuple(t.detach().cpu().numpy() for t in batch)
 
     return JaxPipeline(
-        name=name, torch=p, init=init, loss=loss, evaluate=evaluate,
-        predict=lambda params: forward(params, px), batches=batches,
-        adamw=AdamW(lr=float(p.config["lr"])), metric=p.metric, steps=p.steps,
-        eval_every=p.eval_every)
+        name=name, torch=p, init=init, loss=loss, outputs=outputs, measure=measure,
+        predict=lambda params: forward(params, px), batches=batches, optimizer=optimizer,
+        metric=p.metric, steps=p.steps, eval_every=p.eval_every)
 
 
 # ---- the twins ------------------------------------------------------------------------
 
 def _digits(p: Pipeline) -> JaxPipeline:
-    if p.config.get("optimizer", "adamw") != "adamw":
-        raise HwportError(f"pipeline 'digits' with optimizer={p.config['optimizer']!r} has no "
-                          "JAX twin; the digits twin trains with adamw")
+    lr = float(p.config["lr"])
+    optimizer: Optimizer = SGD(lr) if p.config.get("optimizer") == "sgd" else AdamW(lr)
 
     def forward(params: Params, x: Any) -> Any:
         h = jax.nn.relu(linear(params, "0", x))
@@ -244,7 +313,7 @@ def _digits(p: Pipeline) -> JaxPipeline:
         hits = jnp.argmax(logits, axis=-1) == jnp.asarray(y)
         return {"accuracy": jnp.mean(hits.astype(jnp.float32))}
 
-    return _common(p, "digits", forward, 10, lambda s: s[:-1], metrics)
+    return _common(p, "digits", forward, 10, lambda s: s[:-1], metrics, optimizer)
 
 
 def _lm(p: Pipeline) -> JaxPipeline:
@@ -276,17 +345,30 @@ def _lm(p: Pipeline) -> JaxPipeline:
     def metrics(val_loss: jax.Array, logits: Any, y: Any) -> dict[str, jax.Array]:
         return {"perplexity": jnp.where(val_loss < 700, jnp.exp(val_loss), jnp.inf)}
 
-    return _common(p, "lm", forward, 256, lambda s: s, metrics)
+    return _common(p, "lm", forward, 256, lambda s: s, metrics,
+                   AdamW(lr=float(p.config["lr"])))
 
 
-TWINS: dict[str, Callable[[Pipeline], JaxPipeline]] = {"digits": _digits, "lm": _lm}
+def _tiny_gradients(p: Pipeline) -> JaxPipeline:
+    """Least squares, the loss weighted by ``loss_weight``; Adam with torch's settings
+    (AdamW without weight decay, epsilon 1e-30)."""
+    def forward(params: Params, x: Any) -> Any:
+        return x @ params["weight"].T
+
+    return _common(p, "tiny-gradients", forward, 1, lambda s: s[:-1], lambda *_: {},
+                   AdamW(lr=float(p.config["lr"]), eps=1e-30, weight_decay=0.0),
+                   criterion=mse, loss_weight=float(p.config["loss_weight"]))
+
+
+TWINS: dict[str, Callable[[Pipeline], JaxPipeline]] = {
+    "digits": _digits, "lm": _lm, "tiny-gradients": _tiny_gradients}
 
 
 def twin(p: Pipeline) -> JaxPipeline:
-    """The JAX twin of a built torch pipeline named ``digits`` (optimizer adamw only) or
-    ``lm``; any other raises HwportError naming the pipeline."""
+    """The JAX twin of a built torch pipeline named ``digits``, ``lm`` or
+    ``tiny-gradients``; any other raises HwportError naming the pipeline."""
     make = TWINS.get(p.name)
     if make is None:
-        raise HwportError(f"pipeline {p.name!r} has no JAX twin; twins exist for digits "
-                          "and lm")
+        raise HwportError(f"pipeline {p.name!r} has no JAX twin; twins exist for "
+                          f"{', '.join(TWINS)}")
     return make(p)
