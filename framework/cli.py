@@ -650,6 +650,7 @@ def reproduce(
     list_only: Annotated[bool, typer.Option("--list", help="List the reproductions.")] = False,
     seed: SeedOption = 0,
     json_path: JsonPathOption = None,
+    framework: FrameworkOption = "torch",
 ) -> None:
     """Reproduce published results: each one a failure on a backend and its fixes.
 
@@ -669,12 +670,13 @@ def reproduce(
     runs = sum(1 + len(rep.fixes) + (rep.control is not None)
                for rep in rp.REPRODUCTIONS if rep.name in chosen)
     with _Bars(runs) as bars:
-        results = rp.reproduce(names, small=small, seed=seed,
+        results = rp.reproduce(names, small=small, seed=seed, framework=framework,
                                on_run=lambda label: bars.on_cell(label, None))
     if json_path is not None:
         _write_json(json_path, [r.to_dict() for r in results])
     if json_path is None or str(json_path) != "-":
-        table = Table(title=f"hwport reproduce{' --small' if small else ''}, seed {seed}",
+        fw = "" if framework == "torch" else f", framework {framework}"
+        table = Table(title=f"hwport reproduce{' --small' if small else ''}, seed {seed}{fw}",
                       show_lines=True)
         for col in ("reproduction", "backend", "as ported", "evidence", "fixed by",
                     "reproduced"):

@@ -46,7 +46,7 @@ from jax.extend import core as jcore
 from hwport import plugins
 from hwport.errors import HwportError
 from hwport.formats import FloatFormat
-from hwport.recipes import Lowered, Recipe, compute_format, lower
+from hwport.recipes import FP8Scaling, Lowered, Recipe, compute_format, lower
 from hwport.rounding import KernelParams, Rounding, kernel_params, round_jax, tally_jax
 from hwport.spec import BackendSpec
 
@@ -202,10 +202,13 @@ class _Ctx:
     # matmul operands rounded so far, by (id, format): (value, its rounded copy); backward
     # finds the forward's copy, as autocast's cast cache serves the torch engine
     copies: dict[tuple[int, str], tuple[Any, Any]] = field(default_factory=dict)
+    scaling: _Scaling | None = None  # per-tensor FP8 scaling's sites, with its recipe
 
     def inner(self, telemetry: Telemetry) -> _Ctx:
         """The context of a nested trace (its own telemetry; no values of this trace)."""
-        return dataclasses.replace(self, telemetry=telemetry, copies={})
+        scaling = None if self.scaling is None else dataclasses.replace(self.scaling,
+                                                                         nested=True)
+        return dataclasses.replace(self, telemetry=telemetry, copies={}, scaling=scaling)
 
     @property
     def recipe(self) -> Recipe:
@@ -216,17 +219,75 @@ class _Ctx:
         return self.lowered.backend.name
 
 
+def _rounded(x: Any, fmt: FloatFormat, saturate: bool | None = None) -> tuple[Any, Any]:
+    """``x`` rounded into ``fmt`` (nearest; ``saturate`` as the kernels take it) and its
+    [overflow, underflow, nonfinite] counts."""
+    width = 64 if x.dtype == jnp.float64 else 32
+    p = kernel_params(fmt, width, Rounding.NEAREST, None, saturate, 23)
+    ftype = jnp.float32 if width == 32 else jnp.float64
+    return _rounder(p)(x), tally_jax(lax.stop_gradient(x).astype(ftype), p)
+
+
 def _round(ctx: _Ctx, x: Any, fmt: FloatFormat | None, key: str) -> Any:
     """``x`` rounded into ``fmt`` (nearest), with its overflow and underflow counted."""
     if fmt is None or not _float(x) or x.size == 0:
         return x
-    width = 64 if x.dtype == jnp.float64 else 32
-    p = kernel_params(fmt, width, Rounding.NEAREST, None, None, 23)
-    y = _rounder(p)(x)
-    ftype = jnp.float32 if width == 32 else jnp.float64
-    overflow, underflow, nonfinite = tally_jax(lax.stop_gradient(x).astype(ftype), p)
+    y, (overflow, underflow, nonfinite) = _rounded(x, fmt)
     ctx.telemetry.add(key, overflow, underflow, int(x.size), nonfinite)
     return y
+
+
+@dataclass
+class _Scaling:
+    """Per-tensor FP8 scaling in one trace: each scaled matmul operand is a *site*
+    (phase, its index among that phase's scaled operands), as the torch engine numbers
+    them; ``delayed[i]`` is site i's amax from its history (negative: none, use the
+    operand's own); ``amax`` collects each site's own amax."""
+
+    policy: FP8Scaling
+    delayed: Any  # f32[sites] or None (every site scales by its own amax)
+    sites: list[tuple[str, int]] = field(default_factory=list)
+    amax: list[Any] = field(default_factory=list)
+    nested: bool = False  # inside a loop or conditional body
+
+
+def _scale_exponent(amax: Any, fmt: FloatFormat, margin: int) -> Any:
+    """floor(log2(fmt.max / amax)) - margin, exactly (the torch engine computes it in
+    float64): from the two values' binary exponents and significands, no division."""
+    m_max, e_max = math.frexp(fmt.max)
+    m_a, e_a = jnp.frexp(amax)
+    return e_max - e_a - margin - (m_a > m_max).astype(jnp.int32)
+
+
+def _scaled_operand(ctx: _Ctx, x: Any, fmt: FloatFormat, key: str, phase: str) -> Any:
+    """A matmul operand under per-tensor scaling (Transformer Engine's recipe, as the torch
+    engine's ``_operand``): ``q = round(x * s, fmt, saturating) / s`` with ``s`` the power
+    of two ``2**floor(log2(max(fmt) / amax)) / 2**margin``; the amax is the site's
+    history's (delayed scaling) or ``x``'s own (current scaling, or no history yet); an
+    amax of 0 or not finite rounds ``x`` unscaled."""
+    sc = ctx.scaling
+    assert sc is not None
+    if sc.nested:
+        raise HwportError(f"hwport.jax: recipe {ctx.recipe.name!r} scales FP8 matmul inputs "
+                          f"per tensor on backend {ctx.backend!r}, which the JAX engine does "
+                          "not model inside loops or conditionals (scan, while, cond)")
+    index = sum(1 for p, _ in sc.sites if p == phase) + 1
+    own = jnp.max(jnp.abs(lax.stop_gradient(x))).astype(jnp.float32)
+    amax = own
+    if sc.delayed is not None and sc.delayed.shape[0] and sc.policy.history > 0:
+        d = sc.delayed[len(sc.sites)]
+        amax = jnp.where(d >= 0, d, own)
+    sc.sites.append((phase, index))
+    sc.amax.append(own)
+    ok = jnp.isfinite(amax) & (amax > 0)
+    e = jnp.where(ok, _scale_exponent(jnp.where(ok, amax, 1.0), fmt, sc.policy.margin), 0)
+    s = jnp.ldexp(jnp.ones((), x.dtype), e)
+    inv = jnp.ldexp(jnp.ones((), x.dtype), -e)
+    scaled, c_scaled = _rounded(x * s, fmt, saturate=True)
+    plain, c_plain = _rounded(x, fmt)
+    counts = jnp.where(ok, c_scaled, c_plain)
+    ctx.telemetry.add(key, counts[0], counts[1], int(x.size), counts[2])
+    return jnp.where(ok, scaled * inv, plain)
 
 
 def _scope_of(eqn: Any) -> str:
@@ -370,6 +431,8 @@ def _fused(ctx: _Ctx, eqn: Any, invals: list[Any], known: list[Known], scope: st
 def _operand(ctx: _Ctx, x: Any, holds: Fmt, fmt: FloatFormat, key: str) -> Any:
     """A matmul operand in ``fmt``: itself if it holds ``fmt`` values already, else its
     rounded copy (made once per value and format in a trace)."""
+    if ctx.scaling is not None:  # every operand scaled anew, as in the torch engine
+        return _scaled_operand(ctx, x, fmt, key, key.split("/")[0])
     if holds is fmt:
         return x
     hit = ctx.copies.get((id(x), fmt.name))
@@ -383,10 +446,6 @@ def _operand(ctx: _Ctx, x: Any, holds: Fmt, fmt: FloatFormat, key: str) -> Any:
 def _matmul(ctx: _Ctx, eqn: Any, invals: list[Any], fmts: list[Fmt], phase: str) -> Any:
     fmt = ctx.fmts["matmul_input_backward" if phase == "backward" else "matmul_input"]
     key = f"{phase}/matmul"
-    if ctx.recipe.fp8_scaling is not None and fmt is not None:
-        raise HwportError(f"hwport.jax: recipe {ctx.recipe.name!r} asks for per-tensor FP8 "
-                          f"scaling on backend {ctx.backend!r}, which the JAX engine does not "
-                          "model yet (docs/jax.md)")
     ops = [_operand(ctx, x, fmts[i], fmt, f"{phase}/matmul_input")
            if i < 2 and fmt is not None else x for i, x in enumerate(invals)]
     narrow = ctx.accumulator is not None or ctx.interval is not None
@@ -598,11 +657,52 @@ class Emulated:
 
     def with_telemetry(self, *args: Any, **kwargs: Any) -> tuple[Any, dict[str, Any]]:
         """``(fn's outputs, {rounding key: overflow, underflow, elements, roundings})``.
-        Array arguments are traced; any other argument (a flag, a size) is passed as is."""
+        Array arguments are traced; any other argument (a flag, a size) is passed as is.
+        Under per-tensor FP8 scaling each operand is scaled by its own amax (current
+        scaling: a call has no history; see :meth:`with_scaling`)."""
+        result, totals, _ = self._run(args, kwargs, None)
+        return result, totals
+
+    def with_scaling(self, delayed: Any, *args: Any, **kwargs: Any
+                     ) -> tuple[Any, dict[str, Any], Any]:
+        """:meth:`with_telemetry` with per-tensor FP8 scaling from histories:
+        ``delayed[i]`` is the amax of scaling site i's history (:meth:`sites`; negative:
+        none yet, the operand's own amax serves; empty: no histories at all); also returns
+        each site's own amax this call (f32[sites]), for the caller's histories."""
+        delayed = jnp.asarray(delayed, jnp.float32)
+        result, totals, sc = self._run(args, kwargs, delayed)
+        n = len(sc.sites) if sc is not None else 0
+        if delayed.shape[0] not in (0, n):
+            raise HwportError(f"hwport.jax: {delayed.shape[0]} delayed amax values for "
+                              f"{n} per-tensor scaling sites (Emulated.sites lists them)")
+        amax = jnp.stack(sc.amax) if sc is not None and sc.amax else jnp.zeros(0, jnp.float32)
+        return result, totals, amax
+
+    def sites(self, *args: Any, **kwargs: Any) -> list[tuple[str, int]]:
+        """The per-tensor scaled matmul operands of ``fn(*args)``, as (phase, index) in the
+        order the program scales them (empty without per-tensor FP8 scaling); traces once,
+        compiles nothing."""
+        if self.lowered.recipe.fp8_scaling is None:
+            return []
+        found: list[tuple[str, int]] = []
+
+        def trace(*a: Any, **k: Any) -> Any:
+            result, _, sc = self._run(a, k, None)
+            found.extend(sc.sites if sc is not None else [])
+            return result
+
+        jax.eval_shape(trace, *args, **kwargs)
+        return found
+
+    def _run(self, args: tuple[Any, ...], kwargs: dict[str, Any], delayed: Any
+             ) -> tuple[Any, dict[str, Any], _Scaling | None]:
         leaves, tree = jax.tree_util.tree_flatten((args, kwargs))
         traced = [i for i, v in enumerate(leaves) if _is_array(v)]
         telemetry = Telemetry()
-        ctx = _Ctx(self.lowered, telemetry, self.formats, self.accumulator, self.interval)
+        policy = self.lowered.recipe.fp8_scaling
+        scaling = _Scaling(policy, delayed) if policy is not None else None
+        ctx = _Ctx(self.lowered, telemetry, self.formats, self.accumulator, self.interval,
+                   scaling=scaling)
 
         def run(*arrays: Any) -> Any:
             full = list(leaves)
@@ -615,7 +715,7 @@ class Emulated:
         closed, shape = jax.make_jaxpr(run, return_shape=True)(*(leaves[i] for i in traced))
         outs, _ = _eval(ctx, closed.jaxpr, closed.consts, [leaves[i] for i in traced], "")
         result = jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(shape), outs)
-        return result, telemetry.totals()
+        return result, telemetry.totals(), scaling
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return self.with_telemetry(*args, **kwargs)[0]

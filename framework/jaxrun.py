@@ -41,16 +41,15 @@ from hwport.recipes import Lowered, Recipe, compute_format
 from hwport.rounding import Rounding, _lowbias32, kernel_params, round_counted_jax
 from hwport.spec import BackendSpec
 
-UNSUPPORTED = {"fp8_scaling": "per-tensor FP8 scaling"}
 
-
-def check(lowered: Lowered) -> None:
-    """Refuse, by name, a recipe feature the JAX engine does not model yet."""
-    for name, what in UNSUPPORTED.items():
-        if getattr(lowered.recipe, name):
-            raise HwportError(f"recipe {lowered.recipe.name!r} uses {what} on backend "
-                              f"{lowered.backend.name!r}, which --framework jax does not "
-                              "model yet (docs/jax.md); run it with --framework torch")
+def check(lowered: Lowered, world_size: int = 1) -> None:
+    """Refuse, by name, what the JAX engine does not model yet: per-tensor FP8 scaling in
+    data-parallel runs (each device would keep its own amax histories)."""
+    if lowered.recipe.fp8_scaling is not None and world_size > 1:
+        raise HwportError(f"recipe {lowered.recipe.name!r} uses per-tensor FP8 scaling on "
+                          f"backend {lowered.backend.name!r}, which --framework jax does not "
+                          "model in data-parallel runs yet (docs/jax.md); run it with "
+                          "--framework torch, or on one device")
 
 
 def _counted(x: Any, fmt: FloatFormat | None, rounding: Rounding = Rounding.NEAREST,
@@ -111,10 +110,12 @@ def _numerics(lowered: Lowered) -> tuple[Any, ...]:
 class _Programs:
     """The compiled programs of a training run (see :class:`Trainer`)."""
 
-    fb: Packed  # forward and backward: ((loss, gradients, gradient counts, finite), totals)
-    evaluate: Packed
+    fb: Packed  # forward and backward: ((loss, gradients, gradient counts, finite, amax),
+    # totals), taking (params, batch, loss scale, delayed amax per FP8 scaling site)
+    evaluate: Packed  # (metrics, totals), taking (params, delayed amax)
     update: Any
     cast: Any
+    sites: dict[str, list[tuple[str, int]]]  # FP8 scaling sites of fb and evaluate
 
 
 # compiled programs by what determines them (pipeline, optimizer, recipe, formats): a
@@ -152,6 +153,7 @@ class Trainer:
         self.scale = r.loss_scaling.init_scale if r.loss_scaling else 1.0
         self._growth = 0
         self.steps_applied = 0
+        self._amax: dict[tuple[str, int], list[float]] = {}
         key = ("train", jp.torch.key(), jp.optimizer, _numerics(lowered), self.rbits)
         self.programs: _Programs = _cached(key, self._compile)
 
@@ -164,27 +166,55 @@ class Trainer:
 
         fb = emulate(scaled, spec, r)
 
-        def forward_backward(params: Any, batch: Any, scale: Any) -> Any:
-            (value, grads), totals = fb.with_telemetry(params, batch, scale)
+        def forward_backward(params: Any, batch: Any, scale: Any, delayed: Any) -> Any:
+            (value, grads), totals, amax = fb.with_scaling(delayed, params, batch, scale)
             rounded = {k: _counted(g, self.grads) for k, g in grads.items()}
             counts = sum(c for _, c in rounded.values())
             grads = {k: g for k, (g, _) in rounded.items()}
             finite = jnp.all(jnp.stack([jnp.isfinite(g).all() for g in grads.values()]))
-            return (value, grads, counts, finite), totals
+            return (value, grads, counts, finite, amax), totals
 
         def cast(master: Any) -> Any:
             out = {k: _counted(v, self.weights) for k, v in master.items()}
             return {k: v for k, (v, _) in out.items()}, sum(c for _, c in out.values())
 
+        sites: dict[str, list[tuple[str, int]]] = {"fb": [], "evaluate": []}
+        if r.fp8_scaling is not None:  # found by tracing with the shapes training passes
+            with seeded(self.seed):
+                params = {k: jnp.zeros(v.shape, jnp.float32) for k, v in jp.init().items()}
+            sites = {"fb": fb.sites(params, next(jp.batches(self.seed)), np.float32(1)),
+                     "evaluate": emulate(jp.outputs, spec, r).sites(params)}
         return _Programs(Packed(forward_backward), Packed(_evaluation(jp, spec, r)),
-                         jax.jit(self._update_fn), jax.jit(cast))
+                         jax.jit(self._update_fn), jax.jit(cast), sites)
 
     def forward_backward(self, params: Any, batch: Any, scale: Any) -> Any:
-        """Traceable forward and backward (data parallelism maps it): (loss, gradients,
-        packed telemetry counts, gradient rounding counts, finite); the counts' layout is
+        """Traceable forward and backward (data parallelism maps it; per-tensor FP8 scaling
+        there is refused by :func:`check`): (loss, gradients, packed telemetry counts,
+        gradient rounding counts, finite); the counts' layout is
         ``self.programs.fb.layout`` once traced."""
-        (value, grads, counts, finite), packed = self.programs.fb.traced(params, batch, scale)
+        (value, grads, counts, finite, _), packed = self.programs.fb.traced(
+            params, batch, scale, jnp.zeros(0, jnp.float32))
         return value, grads, packed, counts, finite
+
+    # -- per-tensor FP8 scaling's amax histories (the torch engine's) ---------------------
+    def _delayed(self, program: str) -> np.ndarray:
+        """Each scaling site's history amax (-1: none yet), in ``program``'s site order."""
+        policy = self.lowered.recipe.fp8_scaling
+        sites = self.programs.sites[program]
+        if policy is None or policy.history == 0:
+            return np.full(len(sites), -1, np.float32)
+        return np.array([max(self._amax[s]) if self._amax.get(s) else -1.0 for s in sites],
+                        np.float32)
+
+    def _record(self, amax: Any) -> None:
+        """Append this step's amax of each training site to its history."""
+        policy = self.lowered.recipe.fp8_scaling
+        if policy is None:
+            return
+        for site, a in zip(self.programs.sites["fb"], np.asarray(amax).tolist(), strict=True):
+            hist = self._amax.setdefault(site, [])
+            hist.append(a)
+            del hist[:-max(policy.history, 1)]
 
     # -- parameters -----------------------------------------------------------------------
     def prepare(self, init: dict[str, np.ndarray]) -> tuple[Any, Any, Any]:
@@ -208,7 +238,7 @@ class Trainer:
 
     # -- the step -------------------------------------------------------------------------
     def evaluate(self, params: Any) -> dict[str, float]:
-        metrics, totals = self.programs.evaluate(params)
+        metrics, totals = self.programs.evaluate(params, self._delayed("evaluate"))
         _add_emulated(self.telemetry, totals)
         return {k: float(v) for k, v in metrics.items()}
 
@@ -221,8 +251,9 @@ class Trainer:
         """Forward and backward at the current loss scale: (loss, gradients rounded to their
         format and still scaled, telemetry totals, gradient rounding counts, whether every
         gradient is finite, whether backward overflowed)."""
-        (value, grads, counts, finite), totals = self.programs.fb(params, batch,
-                                                                   np.float32(self.scale))
+        (value, grads, counts, finite, amax), totals = self.programs.fb(
+            params, batch, np.float32(self.scale), self._delayed("fb"))
+        self._record(amax)
         return value, grads, totals, counts, bool(finite), overflowed(totals)
 
     def step(self, params: Any, master: Any, state: Any, batch: Any,
@@ -346,13 +377,13 @@ def train(jp: JaxPipeline, lowered: Lowered, seed: int,
 
 
 def _evaluation(jp: JaxPipeline, spec: BackendSpec, recipe: Recipe
-                ) -> Callable[[Any], tuple[dict[str, Any], dict[str, Any]]]:
+                ) -> Callable[[Any, Any], tuple[dict[str, Any], dict[str, Any]]]:
     """The twin's validation metrics with the model emulated and the metrics computed
     from its outputs natively (as the torch engine evaluates), and the model's telemetry."""
     model = emulate(jp.outputs, spec, recipe)
 
-    def evaluation(params: Any) -> tuple[dict[str, Any], dict[str, Any]]:
-        out, totals = model.with_telemetry(params)
+    def evaluation(params: Any, delayed: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+        out, totals, _ = model.with_scaling(delayed, params)
         return jp.measure(out), totals
 
     return evaluation
@@ -372,8 +403,8 @@ def infer(jp: JaxPipeline, lowered: Lowered, params: Any) -> dict[str, Any]:
         ("infer", jp.torch.key(), _numerics(lowered)),
         lambda: (Packed(emulate(jp.predict, spec, r).with_telemetry),
                  Packed(_evaluation(jp, spec, r))))
-    logits, t1 = predict(stored)
-    metrics, t2 = evaluation(stored)
+    logits, t1 = predict(stored)  # served: no amax history, every operand its own amax
+    metrics, t2 = evaluation(stored, np.zeros(0, np.float32))
     _add_emulated(telemetry, t1)
     _add_emulated(telemetry, t2)
     return {"logits": np.asarray(logits, np.float64),

@@ -136,10 +136,11 @@ class Reproduced:
 
 def reproduce(which: Sequence[str | Reproduction] | None = None, *, small: bool = False,
               seed: int = 0, on_run: Callable[[str], runner.Progress | None] | None = None,
-              ) -> list[Reproduced]:
+              framework: str = "torch") -> list[Reproduced]:
     """Run the reproductions ``which`` (built-in ones by name, or your own; all built-in
-    ones when None); ``small``: their CI configurations. ``on_run`` is told each run's
-    label and may return a progress callback."""
+    ones when None); ``small``: their CI configurations; ``framework``: the pipelines in
+    torch, or their JAX twins through the JAX engine. ``on_run`` is told each run's label
+    and may return a progress callback."""
     known = {r.name: r for r in REPRODUCTIONS}
     chosen = []
     for item in which or list(known):
@@ -168,7 +169,7 @@ def reproduce(which: Sequence[str | Reproduction] | None = None, *, small: bool 
                 options: dict[str, Any] = options) -> runner.RunResult:
             progress = on_run(f"{r.name}: {what} on {backend}") if on_run else None
             return runner.run(backend, r.pipeline, "train", recipe, seed=seed,
-                              options=options, progress=progress)
+                              options=options, progress=progress, framework=framework)
 
         failure = run(r.backend, r.recipe, "as ported")
         fixes = {m: run(r.backend, mitigations[m].apply(r.recipe), m) for m in r.fixes}

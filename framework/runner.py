@@ -281,7 +281,7 @@ def run(backend: str | BackendSpec, pipeline: str | Pipeline | PipelineFactory,
     rules = rules or OutcomeRules()
     p = resolve_pipeline(pipeline, steps, options)
     if framework == "jax":
-        _check_jax(p, spec, rec)
+        _check_jax(p, spec, rec, world_size)
     key = store.cell_key(spec, p, mode, rec, seed, world_size, rules, framework)
     if session is not None:
         hit = session.reuse(position, key)
@@ -434,7 +434,7 @@ def _run_jax(spec: BackendSpec, p: Pipeline, mode: str, rec: Recipe, seed: int,
     return result
 
 
-def _check_jax(p: Pipeline, spec: BackendSpec, rec: Recipe) -> None:
+def _check_jax(p: Pipeline, spec: BackendSpec, rec: Recipe, world_size: int) -> None:
     """Refuse, before any reference trains, a JAX cell that cannot run: JAX missing, the
     pipeline without a twin, a recipe feature the JAX engine does not model."""
     try:
@@ -444,7 +444,7 @@ def _check_jax(p: Pipeline, spec: BackendSpec, rec: Recipe) -> None:
         raise HwportError(f"--framework jax needs JAX ({e}): pip install 'hwport[jax]'") \
             from None
     twin(p)
-    jaxrun.check(lower(rec, spec))
+    jaxrun.check(lower(rec, spec), world_size)
 
 
 def _reference_jax(p: Pipeline, seed: int) -> dict[str, Any]:

@@ -125,11 +125,12 @@ def test_unknown_reproduction() -> None:
         reproduce.reproduce(["nope"])
 
 
-def test_cli_reproduce(tmp_path: Path) -> None:
+@pytest.mark.parametrize("framework", ["torch", "jax"])
+def test_cli_reproduce(tmp_path: Path, framework: str) -> None:
     env = {**os.environ, "HWPORT_CACHE": str(tmp_path)}
     r = subprocess.run([sys.executable, "-m", "hwport.cli", "reproduce", "fp16-loss-scaling",
-                        "--small", "--json", "-"], capture_output=True, text=True, env=env,
-                       timeout=600)
+                        "--small", "--json", "-", "--framework", framework],
+                       capture_output=True, text=True, env=env, timeout=600)
     assert r.returncode == 0, r.stderr
     (data,) = json.loads(r.stdout)
     assert data["name"] == "fp16-loss-scaling" and data["reproduced"] is True
@@ -141,3 +142,17 @@ def test_cli_reproduce(tmp_path: Path) -> None:
     assert listed.returncode == 0
     for rep in REPRODUCTIONS:
         assert rep.name in listed.stdout
+
+
+def test_reproduced_in_jax_as_in_torch() -> None:
+    """The JAX twins through the JAX engine reproduce the same failures and fixes, with the
+    same evidence (the same gradients underflow; the same share of updates is lost)."""
+    names = ["fp16-loss-scaling", "bf16-updates"]
+    in_jax = reproduce.reproduce(names, small=True, framework="jax")
+    in_torch = reproduce.reproduce(names, small=True)
+    for j, t in zip(in_jax, in_torch, strict=True):
+        assert j.reproduced, j.problems
+        assert j.failure.framework == "jax" and j.failure.outcome == t.failure.outcome
+        assert {m: c.outcome for m, c in j.fixes.items()} == \
+            {m: c.outcome for m, c in t.fixes.items()}
+        assert j.evidence[j.reproduction.signal] == t.evidence[t.reproduction.signal]
