@@ -32,7 +32,7 @@ from torch.fx.experimental.proxy_tensor import make_fx
 from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 
 from hwport.formats import FloatFormat
-from hwport.recipes import Lowered, compute_format
+from hwport.recipes import SCALE_EXPONENT, Lowered, compute_format
 from hwport.rounding import (
     KernelParams,
     Rounding,
@@ -483,7 +483,8 @@ class Emulator:
         if not math.isfinite(amax) or amax == 0:
             return self.rounded(x, fmt, key)
         s = fmt.max / amax / 2.0**scaling.margin
-        s = 2.0 ** math.floor(math.log2(s))  # power-of-two scales are exact
+        # power-of-two scales are exact; kept where s and 1/s are normal float32 values
+        s = 2.0 ** min(max(math.floor(math.log2(s)), -SCALE_EXPONENT), SCALE_EXPONENT)
         # scaled casts saturate (Transformer Engine converts with satfinite)
         q = self.round_(x.detach() * s, fmt, key, saturate=True)
         return q.mul_(1.0 / s)

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import math
 import re
 from collections.abc import Callable, Iterator, Sequence
@@ -46,7 +47,7 @@ from jax.extend import core as jcore
 from hwport import plugins
 from hwport.errors import HwportError
 from hwport.formats import FloatFormat
-from hwport.recipes import FP8Scaling, Lowered, Recipe, compute_format, lower
+from hwport.recipes import SCALE_EXPONENT, FP8Scaling, Lowered, Recipe, compute_format, lower
 from hwport.rounding import KernelParams, Rounding, kernel_params, round_jax, tally_jax
 from hwport.spec import BackendSpec
 
@@ -86,6 +87,9 @@ FUSED = {"softmax": "softmax", "log_softmax": "softmax", "logsumexp": "softmax",
          "silu": None, "swish": None, "sigmoid": None, "softplus": None, "elu": None,
          "celu": None, "selu": None, "leaky_relu": None, "glu": None, "log_sigmoid": None,
          "hard_tanh": None, "squareplus": None, "mish": None}
+# jax.nn's functions that choose among their input's values and zero (torch's relu is a
+# passthrough op of its engine): never rounded, their output holding the input's format
+FUSED_PASS = {"relu"}
 # jax.random's samplers: exact constructions from random bits, never rounded (as torch's
 # uniform_, normal_ and bernoulli pass through the torch engine)
 EXACT = {"_uniform", "_normal", "_normal_real", "_bernoulli", "_truncated_normal",
@@ -203,6 +207,12 @@ class _Ctx:
     # finds the forward's copy, as autocast's cast cache serves the torch engine
     copies: dict[tuple[int, str], tuple[Any, Any]] = field(default_factory=dict)
     scaling: _Scaling | None = None  # per-tensor FP8 scaling's sites, with its recipe
+    # matmuls whose output is rounded after their bias add, and those adds (by id(eqn))
+    epilogues: set[int] = field(default_factory=set)
+    # equations inside one jax.nn function whose results stay inside it (by id(eqn))
+    inside: set[int] = field(default_factory=set)
+    # equations inside one whose results leave it: the function's outputs (by id(eqn))
+    op_outputs: set[int] = field(default_factory=set)
 
     def inner(self, telemetry: Telemetry) -> _Ctx:
         """The context of a nested trace (its own telemetry; no values of this trace)."""
@@ -253,10 +263,12 @@ class _Scaling:
 
 def _scale_exponent(amax: Any, fmt: FloatFormat, margin: int) -> Any:
     """floor(log2(fmt.max / amax)) - margin, exactly (the torch engine computes it in
-    float64): from the two values' binary exponents and significands, no division."""
+    float64): from the two values' binary exponents and significands, no division; clipped
+    as the torch engine clips it (:data:`hwport.recipes.SCALE_EXPONENT`)."""
     m_max, e_max = math.frexp(fmt.max)
     m_a, e_a = jnp.frexp(amax)
-    return e_max - e_a - margin - (m_a > m_max).astype(jnp.int32)
+    e = e_max - e_a - margin - (m_a > m_max).astype(jnp.int32)
+    return jnp.clip(e, -SCALE_EXPONENT, SCALE_EXPONENT)
 
 
 def _scaled_operand(ctx: _Ctx, x: Any, fmt: FloatFormat, key: str, phase: str) -> Any:
@@ -272,11 +284,14 @@ def _scaled_operand(ctx: _Ctx, x: Any, fmt: FloatFormat, key: str, phase: str) -
                           f"per tensor on backend {ctx.backend!r}, which the JAX engine does "
                           "not model inside loops or conditionals (scan, while, cond)")
     index = sum(1 for p, _ in sc.sites if p == phase) + 1
-    own = jnp.max(jnp.abs(lax.stop_gradient(x))).astype(jnp.float32)
+    own = jnp.max(jnp.abs(lax.stop_gradient(x)), initial=0.0).astype(jnp.float32)
     amax = own
     if sc.delayed is not None and sc.delayed.shape[0] and sc.policy.history > 0:
+        if len(sc.sites) >= sc.delayed.shape[0]:
+            raise HwportError(f"hwport.jax: {sc.delayed.shape[0]} delayed amax values for "
+                              "more per-tensor scaling sites (Emulated.sites lists them)")
         d = sc.delayed[len(sc.sites)]
-        amax = jnp.where(d >= 0, d, own)
+        amax = jnp.where(d < 0, own, d)  # a NaN history stays NaN: unscaled, as in torch
     sc.sites.append((phase, index))
     sc.amax.append(own)
     ok = jnp.isfinite(amax) & (amax > 0)
@@ -347,6 +362,10 @@ def _eval(ctx: _Ctx, jaxpr: Any, consts: Sequence[Any], args: Sequence[Any], sco
             return False  # scalars (constants, step sizes) do not decide autocast
         return fmt_of.get(v)
 
+    ctx.epilogues |= _bias_epilogues(jaxpr)
+    inside, outputs = _one_operation(jaxpr, scope)
+    ctx.inside |= inside
+    ctx.op_outputs |= outputs
     for v, c in zip(jaxpr.constvars, consts, strict=True):
         env[v] = c
     for i, (v, a) in enumerate(zip(jaxpr.invars, args, strict=True)):
@@ -373,15 +392,29 @@ def _apply(ctx: _Ctx, eqn: Any, invals: list[Any], known: list[Known],
         label = _label(eqn) if name in CALLS else None
         if label in EXACT:
             return _bind(eqn, invals), [None] * len(eqn.outvars)
+        if label in FUSED_PASS:
+            return _bind(eqn, invals), [_known_all(known)] * len(eqn.outvars)
         if label in FUSED:
             return _fused(ctx, eqn, invals, known, scope, phase, FUSED[label])
         return _nested(ctx, eqn, invals, in_fmts, scope)
     if not any(jnp.issubdtype(v.aval.dtype, jnp.floating) for v in eqn.outvars):
         return _bind(eqn, invals), [None] * len(eqn.outvars)  # nothing to round
     if name in MATMUL:  # a matmul is a matmul in any scope, as in the torch engine
+        if id(eqn) in ctx.epilogues:  # rounded with its bias, below
+            return [_matmul(ctx, eqn, invals, in_fmts, phase, rounded=False)], [None]
         return [_matmul(ctx, eqn, invals, in_fmts, phase)], [ctx.fmts["activations"]]
     outs = _bind(eqn, invals)
-    if name in PASS:
+    if id(eqn) in ctx.inside:  # inside one jax.nn function: computed as it is, unrounded
+        return outs, [_known_all(known)] * len(outs)
+    if id(eqn) in ctx.op_outputs:  # that function's result: rounded once, like compute
+        return _compute(ctx, outs, known, _group(ctx, scope), phase)
+    if id(eqn) in ctx.epilogues:  # a bias add: the matmul's output, rounded as torch's addmm
+        return [_round(ctx, outs[0], ctx.fmts["activations"], f"{phase}/matmul")], \
+            [ctx.fmts["activations"]]
+    if name in PASS or (name in ("reduce_sum", "reduce_prod") and all(
+            eqn.invars[0].aval.shape[a] == 1 for a in eqn.params["axes"])):
+        # (a sum over axes of one element adds nothing: JAX's transpose of a broadcast
+        # makes one, where torch's bias gradient is one sum)
         return outs, [_known_all(known)] * len(outs)
     if name not in COMPUTE:
         raise UnsupportedPrimitive(name, ctx.backend)
@@ -443,7 +476,75 @@ def _operand(ctx: _Ctx, x: Any, holds: Fmt, fmt: FloatFormat, key: str) -> Any:
     return y
 
 
-def _matmul(ctx: _Ctx, eqn: Any, invals: list[Any], fmts: list[Fmt], phase: str) -> Any:
+def _one_operation(jaxpr: Any, scope: str) -> tuple[set[int], set[int]]:
+    """The equations of ``jaxpr`` that JAX inlined from one of jax.nn's functions (marked
+    by :func:`_one_op_each`'s scope, forward and backward alike), split into those whose
+    results stay inside that function (its intermediate values, and the residuals its
+    backward reads) and those whose results leave it: a function is one operation, as
+    torch's ``gelu`` and ``gelu_backward`` are, rounded once where its results leave."""
+    label: dict[int, str] = {}
+    for eqn in jaxpr.eqns:
+        here = f"{scope}/{_scope_of(eqn)}"
+        names = [t for t in _tokens(here) if t.startswith(_OP_SCOPE)]
+        if names and eqn.primitive.name not in MATMUL:
+            label[id(eqn)] = names[-1]
+    if not label:
+        return set(), set()
+    users: dict[Any, list[Any]] = {}
+    for eqn in jaxpr.eqns:
+        for v in eqn.invars:
+            if not isinstance(v, jcore.Literal):
+                users.setdefault(v, []).append(eqn)
+    returned = {v for v in jaxpr.outvars if not isinstance(v, jcore.Literal)}
+    inside: set[int] = set()
+    outputs: set[int] = set()
+    for eqn in jaxpr.eqns:
+        name = label.get(id(eqn))
+        if name is None:
+            continue
+        stays = all(v not in returned and all(label.get(id(u)) == name
+                                              for u in users.get(v, []))
+                    for v in eqn.outvars)
+        (inside if stays else outputs).add(id(eqn))
+    return inside, outputs
+
+
+def _bias_epilogues(jaxpr: Any) -> set[int]:
+    """The ``dot_general`` equations whose one use adds a bias vector along the output's
+    last axis, and those ``add`` equations: a matmul and its bias are one operation, its
+    output rounded once after the bias is added, as torch's addmm (every nn.Linear) is."""
+    uses: dict[Any, list[Any]] = {}
+    producer: dict[Any, Any] = {}
+    for eqn in jaxpr.eqns:
+        for v in eqn.invars:
+            if not isinstance(v, jcore.Literal):
+                uses.setdefault(v, []).append(eqn)
+        for v in eqn.outvars:
+            producer[v] = eqn
+    returned = {v for v in jaxpr.outvars if not isinstance(v, jcore.Literal)}
+    found: set[int] = set()
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name != "dot_general":
+            continue
+        out = eqn.outvars[0]
+        users = uses.get(out, [])
+        if out in returned or len(users) != 1 or users[0].primitive.name not in ("add",
+                                                                                "add_any"):
+            continue
+        add = users[0]
+        others = [v for v in add.invars if v is not out]
+        src = producer.get(others[0]) if len(others) == 1 else None
+        if src is not None and src.primitive.name == "broadcast_in_dim" \
+                and src.invars[0].aval.ndim == 1 \
+                and tuple(src.params["broadcast_dimensions"]) == (out.aval.ndim - 1,):
+            found |= {id(eqn), id(add)}
+    return found
+
+
+def _matmul(ctx: _Ctx, eqn: Any, invals: list[Any], fmts: list[Fmt], phase: str,
+            rounded: bool = True) -> Any:
+    """A matmul's output (rounded to the activation format unless ``rounded`` is False:
+    its bias add rounds it)."""
     fmt = ctx.fmts["matmul_input_backward" if phase == "backward" else "matmul_input"]
     key = f"{phase}/matmul"
     ops = [_operand(ctx, x, fmts[i], fmt, f"{phase}/matmul_input")
@@ -453,7 +554,7 @@ def _matmul(ctx: _Ctx, eqn: Any, invals: list[Any], fmts: list[Fmt], phase: str)
         out = _accumulate(ctx, eqn, ops, phase)
     else:
         out = eqn.primitive.bind(*ops, **eqn.params)
-    return _round(ctx, out, ctx.fmts["activations"], key)
+    return _round(ctx, out, ctx.fmts["activations"], key) if rounded else out
 
 
 def _accumulate(ctx: _Ctx, eqn: Any, ops: list[Any], phase: str) -> Any:
@@ -618,19 +719,39 @@ def _is_array(v: Any) -> bool:
 _UNNAMED = {"softmax": ("axis",), "logsumexp": ("axis", "keepdims", "return_sign")}
 
 
+# the name scope that marks a jax.nn function's equations (JAX inlines its jit when
+# differentiating, so its own name is gone from the equations it leaves)
+_OP_SCOPE = "hwport-op-"
+
+
+def _scoped(f: Callable[..., Any], name: str) -> Callable[..., Any]:
+    @functools.wraps(f)
+    def op(*args: Any, **kwargs: Any) -> Any:
+        with jax.named_scope(_OP_SCOPE + name):
+            return f(*args, **kwargs)
+
+    return op
+
+
 @contextlib.contextmanager
 def _one_op_each() -> Iterator[None]:
+    """While tracing: jax.nn's softmax and logsumexp as named jitted functions, and every
+    other function of FUSED in a scope that survives differentiation."""
     import jax.nn
     import jax.scipy.special
 
     saved = [(m, n, getattr(m, n)) for m in (jax.nn, jax.scipy.special) for n in _UNNAMED
              if hasattr(m, n)]
+    scoped = [(jax.nn, n, getattr(jax.nn, n)) for n, group in FUSED.items()
+              if group is None and n not in FUSED_PASS and hasattr(jax.nn, n)]
     try:
         for m, n, f in saved:
             setattr(m, n, jax.jit(f, static_argnames=_UNNAMED[n]))
+        for m, n, f in scoped:
+            setattr(m, n, _scoped(f, n))
         yield
     finally:
-        for m, n, f in saved:
+        for m, n, f in saved + scoped:
             setattr(m, n, f)
 
 

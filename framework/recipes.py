@@ -60,6 +60,12 @@ class LossScaling:
         return scale, tracker
 
 
+# the largest exponent of a per-tensor FP8 scale, either sign: 2**e and 2**-e both normal
+# float32 values (a tensor whose amax is below max(fmt) * 2**-126 is scaled by 2**126, not
+# by an infinite scale)
+SCALE_EXPONENT = 126
+
+
 @dataclass(frozen=True)
 class FP8Scaling:
     """Per-tensor scaling of 8-bit matmul inputs (Transformer Engine's delayed scaling).

@@ -63,6 +63,61 @@ def test_matmul_operands_and_output_rounded_as_bf16_autocast() -> None:
     assert not np.array_equal(got, np.asarray(f(a, b)))
 
 
+def test_a_bias_is_added_before_the_matmul_output_is_rounded() -> None:
+    """x @ W.T + b is one operation, as torch's addmm (nn.Linear) is: its output rounded
+    once, after the bias; an add of anything else (a residual) is an operation of its own."""
+    x, w = grid((8, 3, 16)), grid((4, 16))
+    b, r = RNG.standard_normal(4).astype(np.float32), RNG.standard_normal(
+        (8, 3, 4)).astype(np.float32)
+    exact = x.astype(np.float64) @ w.T.astype(np.float64)  # bf16 operands: x, w are grids
+    linear = emulate(lambda x, w, b: x @ w.T + b, "dojo", "pure-bf16")
+    got, telemetry = jax.jit(linear.with_telemetry)(x, w, b)
+    assert np.array_equal(np.asarray(got), bf16(exact + b))
+    assert set(telemetry) == {"forward/matmul", "forward/matmul_input"}
+    assert int(telemetry["forward/matmul"]["roundings"]) == 1
+    residual = emulate(lambda x, w, r: x @ w.T + r, "dojo", "pure-bf16")
+    got, telemetry = jax.jit(residual.with_telemetry)(x, w, r)
+    assert np.array_equal(np.asarray(got), bf16(bf16(exact) + r))  # two roundings
+    assert int(telemetry["forward/elementwise"]["roundings"]) == 1
+
+
+def test_a_differentiated_gelu_is_one_operation_as_in_torch() -> None:
+    """Linear, GELU, Linear and a mean squared error, differentiated under bf16 autocast:
+    the JAX engine rounds what the torch engine rounds (gelu and gelu_backward one op
+    each, each bias inside its matmul, the loss in fp32), so every rounding key counts the
+    same elements in both engines."""
+    from hwport import plugins, recipes
+    from hwport.engine import Emulator
+    from hwport.pipelines.jaxnets import mse
+
+    x, y = RNG.standard_normal((32, 16)).astype(np.float32), grid((32, 4))
+    w1, w2 = grid((8, 16)), grid((4, 8))
+    b1, b2 = (RNG.standard_normal(n).astype(np.float32) for n in (8, 4))
+
+    def loss(w1: jax.Array, b1: jax.Array, w2: jax.Array, b2: jax.Array) -> jax.Array:
+        h = jax.nn.gelu(x @ w1.T + b1, approximate=False)
+        return mse(h @ w2.T + b2, y)
+
+    _, telemetry = jax.jit(emulate(jax.grad(loss, (0, 1, 2, 3)), "simgpu",
+                                   "amp-bf16").with_telemetry)(w1, b1, w2, b2)
+    layers = [torch.nn.Linear(16, 8), torch.nn.Linear(8, 4)]
+    with torch.no_grad():
+        for layer, w, b in zip(layers, (w1, w2), (b1, b2), strict=True):
+            layer.weight.copy_(torch.from_numpy(w))
+            layer.bias.copy_(torch.from_numpy(b))
+    em = Emulator(recipes.lower(plugins.registry().recipe("amp-bf16"),
+                                plugins.get_backend("simgpu")), capture=False)
+    with em.active():
+        with em.phase_("forward"):
+            h = torch.nn.functional.gelu(layers[0](torch.from_numpy(x)))
+            out = torch.nn.functional.mse_loss(layers[1](h), torch.from_numpy(y))
+        with em.phase_("backward"):
+            out.backward()
+    want = {k: c.elements for k, c in em.telemetry.rounding.items() if c.elements}
+    assert {k: int(v["elements"]) for k, v in telemetry.items()} == want
+    assert want["backward/elementwise"] == 32 * 8 + 8  # gelu_backward, the bias's gradient
+
+
 def test_narrow_accumulator_matches_grouped_oracle() -> None:
     """simgpu FP8 matmuls accumulate in e8m13: the crafted element of the torch engine's
     test loses its tiny products; every element matches the grouped oracle."""
