@@ -178,22 +178,32 @@ class Packed:
     """A jitted program of ``fn`` (returning ``(outputs, totals)``, as
     :meth:`Emulated.with_telemetry`) whose counts leave it packed: calling it returns
     ``(outputs, totals)`` with the totals on the host, after one transfer. Trace it inside
-    another program with :meth:`traced`, which records the layout."""
+    another program with :meth:`traced`, which records the layout (:attr:`layout`, the
+    latest traced; a layout per argument shapes serves the calls)."""
 
     def __init__(self, fn: Callable[..., tuple[Any, dict[str, dict[str, Any]]]]) -> None:
         self.fn = fn
         self.layout: Layout = ()
+        self._layouts: dict[tuple[Any, ...], Layout] = {}
         self.program = jax.jit(self.traced)
 
     def traced(self, *args: Any) -> tuple[Any, Any]:
         """``(outputs, packed counts)``, traceable."""
         out, totals = self.fn(*args)
         self.layout, counts = pack(totals)
+        self._layouts[_signature(args)] = self.layout
         return out, counts
 
     def __call__(self, *args: Any) -> tuple[Any, dict[str, dict[str, int]]]:
         out, counts = self.program(*args)
-        return out, unpack(self.layout, counts)
+        return out, unpack(self._layouts[_signature(args)], counts)
+
+
+def _signature(args: Any) -> tuple[Any, ...]:
+    """The shapes and dtypes of the array leaves of ``args`` (what a jit retraces on)."""
+    return tuple((tuple(np.shape(a)), str(jax.dtypes.canonicalize_dtype(
+        a.dtype if hasattr(a, "dtype") else np.result_type(a))))
+        for a in jax.tree_util.tree_leaves(args))
 
 
 @dataclass

@@ -118,6 +118,19 @@ def test_a_differentiated_gelu_is_one_operation_as_in_torch() -> None:
     assert want["backward/elementwise"] == 32 * 8 + 8  # gelu_backward, the bias's gradient
 
 
+def test_packed_counts_keep_a_layout_per_shape() -> None:
+    """A packed program traced for two shapes unpacks each call with its own layout (a
+    narrow accumulator rounds once per 32 products: two K, two counts of roundings)."""
+    from hwport.jax import Packed
+
+    f = Packed(emulate(lambda a, b: a @ b, "simgpu", "fp8-hybrid").with_telemetry)
+    small, large = (grid((4, 64)), grid((64, 2))), (grid((4, 128)), grid((128, 2)))
+    for a, b in (small, large, small):
+        _, totals = f(a, b)
+        assert totals["forward/accumulator"]["roundings"] == a.shape[1] // 32
+        assert totals["forward/accumulator"]["elements"] == 8 * a.shape[1] // 32
+
+
 def test_narrow_accumulator_matches_grouped_oracle() -> None:
     """simgpu FP8 matmuls accumulate in e8m13: the crafted element of the torch engine's
     test loses its tiny products; every element matches the grouped oracle."""
