@@ -217,12 +217,6 @@ class _Ctx:
     # finds the forward's copy, as autocast's cast cache serves the torch engine
     copies: dict[tuple[int, str], tuple[Any, Any]] = field(default_factory=dict)
     scaling: _Scaling | None = None  # per-tensor FP8 scaling's sites, with its recipe
-    # matmuls whose output is rounded after their bias add, and those adds (by id(eqn))
-    epilogues: set[int] = field(default_factory=set)
-    # equations inside one jax.nn function whose results stay inside it (by id(eqn))
-    inside: set[int] = field(default_factory=set)
-    # equations inside one whose results leave it: the function's outputs (by id(eqn))
-    op_outputs: set[int] = field(default_factory=set)
 
     def inner(self, telemetry: Telemetry) -> _Ctx:
         """The context of a nested trace (its own telemetry; no values of this trace)."""
@@ -372,10 +366,7 @@ def _eval(ctx: _Ctx, jaxpr: Any, consts: Sequence[Any], args: Sequence[Any], sco
             return False  # scalars (constants, step sizes) do not decide autocast
         return fmt_of.get(v)
 
-    ctx.epilogues |= _bias_epilogues(jaxpr)
-    inside, outputs = _one_operation(jaxpr, scope)
-    ctx.inside |= inside
-    ctx.op_outputs |= outputs
+    roles = _roles(jaxpr, scope)
     for v, c in zip(jaxpr.constvars, consts, strict=True):
         env[v] = c
     for i, (v, a) in enumerate(zip(jaxpr.invars, args, strict=True)):
@@ -384,7 +375,8 @@ def _eval(ctx: _Ctx, jaxpr: Any, consts: Sequence[Any], args: Sequence[Any], sco
     for eqn in jaxpr.eqns:
         here = f"{scope}/{_scope_of(eqn)}" if _scope_of(eqn) else scope
         invals = [read(v) for v in eqn.invars]
-        outs, out_fmts = _apply(ctx, eqn, invals, [known(v) for v in eqn.invars], here)
+        outs, out_fmts = _apply(ctx, eqn, invals, [known(v) for v in eqn.invars], here,
+                                roles.get(id(eqn)))
         for v, o, f in zip(eqn.outvars, outs, out_fmts, strict=True):
             env[v] = o
             fmt_of[v] = f
@@ -392,9 +384,10 @@ def _eval(ctx: _Ctx, jaxpr: Any, consts: Sequence[Any], args: Sequence[Any], sco
         None if isinstance(v, jcore.Literal) else fmt_of.get(v) for v in jaxpr.outvars]
 
 
-def _apply(ctx: _Ctx, eqn: Any, invals: list[Any], known: list[Known],
-           scope: str) -> tuple[list[Any], list[Fmt]]:
-    """One equation: its outputs under the recipe, and the format each holds."""
+def _apply(ctx: _Ctx, eqn: Any, invals: list[Any], known: list[Known], scope: str,
+           role: str | None = None) -> tuple[list[Any], list[Fmt]]:
+    """One equation (with its :func:`_roles` role): its outputs under the recipe, and the
+    format each holds."""
     name = eqn.primitive.name
     phase = "backward" if _backward(scope) else "forward"
     in_fmts: list[Fmt] = [k if isinstance(k, FloatFormat) else None for k in known]
@@ -410,15 +403,15 @@ def _apply(ctx: _Ctx, eqn: Any, invals: list[Any], known: list[Known],
     if not any(jnp.issubdtype(v.aval.dtype, jnp.floating) for v in eqn.outvars):
         return _bind(eqn, invals), [None] * len(eqn.outvars)  # nothing to round
     if name in MATMUL:  # a matmul is a matmul in any scope, as in the torch engine
-        if id(eqn) in ctx.epilogues:  # rounded with its bias, below
+        if role == "biased":  # rounded with its bias, below
             return [_matmul(ctx, eqn, invals, in_fmts, phase, rounded=False)], [None]
         return [_matmul(ctx, eqn, invals, in_fmts, phase)], [ctx.fmts["activations"]]
     outs = _bind(eqn, invals)
-    if id(eqn) in ctx.inside:  # inside one jax.nn function: computed as it is, unrounded
+    if role == "inside":  # inside one jax.nn function: computed as it is, unrounded
         return outs, [_known_all(known)] * len(outs)
-    if id(eqn) in ctx.op_outputs:  # that function's result: rounded once, like compute
+    if role == "result":  # that function's result: rounded once, like compute
         return _compute(ctx, outs, known, _group(ctx, scope), phase)
-    if id(eqn) in ctx.epilogues:  # a bias add: the matmul's output, rounded as torch's addmm
+    if role == "bias":  # a bias add: the matmul's output, rounded as torch's addmm
         return [_round(ctx, outs[0], ctx.fmts["activations"], f"{phase}/matmul")], \
             [ctx.fmts["activations"]]
     if name in PASS or (name in ("reduce_sum", "reduce_prod") and all(
@@ -486,69 +479,54 @@ def _operand(ctx: _Ctx, x: Any, holds: Fmt, fmt: FloatFormat, key: str) -> Any:
     return y
 
 
-def _one_operation(jaxpr: Any, scope: str) -> tuple[set[int], set[int]]:
-    """The equations of ``jaxpr`` that JAX inlined from one of jax.nn's functions (marked
-    by :func:`_one_op_each`'s scope, forward and backward alike), split into those whose
-    results stay inside that function (its intermediate values, and the residuals its
-    backward reads) and those whose results leave it: a function is one operation, as
-    torch's ``gelu`` and ``gelu_backward`` are, rounded once where its results leave."""
-    label: dict[int, str] = {}
-    for eqn in jaxpr.eqns:
-        here = f"{scope}/{_scope_of(eqn)}"
-        names = [t for t in _tokens(here) if t.startswith(_OP_SCOPE)]
-        if names and eqn.primitive.name not in MATMUL:
-            label[id(eqn)] = names[-1]
-    if not label:
-        return set(), set()
+def _roles(jaxpr: Any, scope: str) -> dict[int, str]:
+    """What some equations of ``jaxpr`` are part of, by ``id(eqn)`` (valid while the jaxpr
+    is being evaluated):
+
+    * ``"biased"`` / ``"bias"``: a ``dot_general`` whose one use adds a bias vector along
+      its last axis, and that add: one operation, its output rounded once after the bias,
+      as torch's addmm (every nn.Linear) is;
+    * ``"inside"`` / ``"result"``: equations JAX inlined from one of jax.nn's functions
+      (marked by :func:`_one_op_each`'s scope, forward and backward alike) whose results
+      stay inside it (intermediates, and the residuals its backward reads), and those
+      whose results leave it: a function is one operation, rounded once where its
+      results leave, as torch's ``gelu`` and ``gelu_backward`` are."""
     users: dict[Any, list[Any]] = {}
+    producer: dict[Any, Any] = {}
+    label: dict[int, str] = {}
     for eqn in jaxpr.eqns:
         for v in eqn.invars:
             if not isinstance(v, jcore.Literal):
                 users.setdefault(v, []).append(eqn)
-    returned = {v for v in jaxpr.outvars if not isinstance(v, jcore.Literal)}
-    inside: set[int] = set()
-    outputs: set[int] = set()
-    for eqn in jaxpr.eqns:
-        name = label.get(id(eqn))
-        if name is None:
-            continue
-        stays = all(v not in returned and all(label.get(id(u)) == name
-                                              for u in users.get(v, []))
-                    for v in eqn.outvars)
-        (inside if stays else outputs).add(id(eqn))
-    return inside, outputs
-
-
-def _bias_epilogues(jaxpr: Any) -> set[int]:
-    """The ``dot_general`` equations whose one use adds a bias vector along the output's
-    last axis, and those ``add`` equations: a matmul and its bias are one operation, its
-    output rounded once after the bias is added, as torch's addmm (every nn.Linear) is."""
-    uses: dict[Any, list[Any]] = {}
-    producer: dict[Any, Any] = {}
-    for eqn in jaxpr.eqns:
-        for v in eqn.invars:
-            if not isinstance(v, jcore.Literal):
-                uses.setdefault(v, []).append(eqn)
         for v in eqn.outvars:
             producer[v] = eqn
+        names = [t for t in _tokens(f"{scope}/{_scope_of(eqn)}") if t.startswith(_OP_SCOPE)]
+        if names and eqn.primitive.name not in MATMUL:
+            label[id(eqn)] = names[-1]
     returned = {v for v in jaxpr.outvars if not isinstance(v, jcore.Literal)}
-    found: set[int] = set()
+    roles: dict[int, str] = {}
     for eqn in jaxpr.eqns:
+        name = label.get(id(eqn))
+        if name is not None:
+            stays = all(v not in returned and all(label.get(id(u)) == name
+                                                  for u in users.get(v, []))
+                        for v in eqn.outvars)
+            roles[id(eqn)] = "inside" if stays else "result"
+            continue
         if eqn.primitive.name != "dot_general":
             continue
         out = eqn.outvars[0]
-        users = uses.get(out, [])
-        if out in returned or len(users) != 1 or users[0].primitive.name not in ("add",
-                                                                                "add_any"):
+        uses = users.get(out, [])
+        if out in returned or len(uses) != 1 or uses[0].primitive.name not in ("add",
+                                                                              "add_any"):
             continue
-        add = users[0]
-        others = [v for v in add.invars if v is not out]
+        others = [v for v in uses[0].invars if v is not out]
         src = producer.get(others[0]) if len(others) == 1 else None
         if src is not None and src.primitive.name == "broadcast_in_dim" \
                 and src.invars[0].aval.ndim == 1 \
                 and tuple(src.params["broadcast_dimensions"]) == (out.aval.ndim - 1,):
-            found |= {id(eqn), id(add)}
-    return found
+            roles[id(eqn)], roles[id(uses[0])] = "biased", "bias"
+    return roles
 
 
 def _matmul(ctx: _Ctx, eqn: Any, invals: list[Any], fmts: list[Fmt], phase: str,
