@@ -13,6 +13,10 @@ warm-up (compilation excluded), and the medians are compared:
 * the whole training step: that plus AdamW (native: one jitted update; emulated: the
   JAX engine's :class:`hwport.jaxrun.Trainer` step, gradient rounding, loss scaling and
   rounded optimizer writes included).
+
+The emulated programs round with hwport's C kernel, called by XLA (``hwport --version``
+says whether it serves); ``HWPORT_JAX_KERNEL=xla`` in the environment measures them with
+XLA's own operations instead.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from hwport.jax import emulate
 from hwport.jaxrun import Trainer
 from hwport.pipelines.jaxnets import twin
 from hwport.recipes import lower
+from hwport.rounding import ffi_kernel
 
 
 def main() -> None:
@@ -88,6 +93,9 @@ def main() -> None:
             fb_times["emulated"].append(t2 - t1)
             step_times["native"].append(t3 - t2)
             step_times["emulated"].append(t4 - t3)
+    why = ffi_kernel()
+    print(f"rounding in the emulated programs: "
+          f"{'C kernel through XLA FFI' if why is None else f'XLA operations ({why})'}")
     for name, times in (("forward-backward, numerics only", bare_times),
                         ("forward-backward", fb_times), ("training step", step_times)):
         n, e = statistics.median(times["native"]), statistics.median(times["emulated"])

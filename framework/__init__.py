@@ -21,7 +21,7 @@ from hwport.spec import (
     load_spec,
 )
 
-__version__ = "0.1.0"
+__version__ = "0.1.1"
 
 __all__ = [
     "BackendSpec",

@@ -22,6 +22,8 @@
 #include <string.h>
 #include <math.h>
 #include <pthread.h>
+#include <fenv.h>
+#include "xla/ffi/api/c_api.h"  /* XLA's FFI C API (OpenXLA, Apache-2.0), vendored */
 
 typedef struct {
     uint64_t overflow, underflow, nonfinite;  /* finite -> beyond max; nonzero -> 0; inf/NaN in */
@@ -233,6 +235,7 @@ static unsigned long pool_born[MAX_THREADS];  /* the generation each worker star
 
 static void *worker(void *arg) {
     int id = (int)(intptr_t)arg;
+    fesetenv(FE_DFL_ENV);  /* whatever its creator's, no flush of subnormals here */
     pthread_mutex_lock(&pool_mu);
     unsigned long seen = pool_born[id];
     for (;;) {
@@ -253,8 +256,21 @@ static void after_fork_child(void) {  /* the workers did not survive the fork */
     pool_workers = 0; pool_pending = 0; pool_gen = 0;
 }
 
-/* Round [0, n) with up to `threads` threads; falls back to one when the pool is in use. */
+/* Round [0, n) with up to `threads` threads; falls back to one when the pool is in use.
+ * The calling thread runs in the default floating-point environment meanwhile: a caller
+ * may flush subnormals (XLA's threads do; torch.set_flush_denormal), which the kernel's
+ * subnormal path must not. */
+static void split(job_t *whole, Py_ssize_t n, int threads, counts_t *c);
+
 static void run_split(job_t *whole, Py_ssize_t n, int threads, counts_t *c) {
+    fenv_t env;
+    fegetenv(&env);
+    fesetenv(FE_DFL_ENV);
+    split(whole, n, threads, c);
+    fesetenv(&env);
+}
+
+static void split(job_t *whole, Py_ssize_t n, int threads, counts_t *c) {
     Py_ssize_t blocks = (n + BLOCK - 1) / BLOCK;
     if (threads > MAX_THREADS) threads = MAX_THREADS;
     if (threads > blocks) threads = (int)blocks;
@@ -318,6 +334,85 @@ static PyObject *quantize(PyObject *self, PyObject *args) {
                          (unsigned long long)c.underflow, (unsigned long long)c.nonfinite);
 }
 
+/* The kernel as an XLA FFI handler (target "hwport_round", CPU), so that a jitted JAX
+ * program rounds and counts in this one pass, as the torch engine does, rather than in
+ * XLA's own operations plus a reduction per rounding site.
+ *   argument: x, float32 or float64, any shape;
+ *   results:  x rounded (same type and shape), int32[3] counts (overflow, underflow,
+ *             non-finite input), as quantize() returns them;
+ *   attribute "params": int64[14], (width, m, emin, esub, ftz, gap, overflow, mode, rbits,
+ *             max_bits, inf_bits, maxsub_bits, minnorm_bits, nan_bits).
+ * Stochastic rounding is not served here (its keys are traced values). */
+#define FFI_NPARAMS 14
+
+static XLA_FFI_Error *ffi_fail(const XLA_FFI_Api *api, const char *msg) {
+    XLA_FFI_Error_Create_Args args = {XLA_FFI_Error_Create_Args_STRUCT_SIZE, NULL, msg,
+                                      XLA_FFI_Error_Code_INVALID_ARGUMENT};
+    return api->XLA_FFI_Error_Create(&args);
+}
+
+static int ffi_width(XLA_FFI_DataType t) {
+    return t == XLA_FFI_DataType_F32 ? 32 : t == XLA_FFI_DataType_F64 ? 64 : 0;
+}
+
+static XLA_FFI_Error *ffi_round(XLA_FFI_CallFrame *call) {
+    XLA_FFI_Extension_Base *ext = call->extension_start;
+    if (ext != NULL && ext->type == XLA_FFI_Extension_Metadata) {  /* XLA asks our version */
+        XLA_FFI_Metadata *m = ((XLA_FFI_Metadata_Extension *)ext)->metadata;
+        if (ext->struct_size < XLA_FFI_Metadata_Extension_STRUCT_SIZE ||
+            m->struct_size < XLA_FFI_Metadata_STRUCT_SIZE)
+            return ffi_fail(call->api, "hwport_round: XLA's metadata structs are older "
+                                       "than the FFI header hwport was built with");
+        m->api_version.struct_size = XLA_FFI_Api_Version_STRUCT_SIZE;
+        m->api_version.extension_start = NULL;
+        m->api_version.major_version = XLA_FFI_API_MAJOR;
+        m->api_version.minor_version = XLA_FFI_API_MINOR;
+        m->traits = 0;
+        m->state_type_id.type_id = 0;  /* XLA_FFI_UNKNOWN_TYPE_ID: a stateless handler */
+        return NULL;
+    }
+    const XLA_FFI_Api *api = call->api;
+    if (call->stage != XLA_FFI_ExecutionStage_EXECUTE)
+        return ffi_fail(api, "hwport_round: called outside the execute stage");
+    if (call->args.size != 1 || call->args.types[0] != XLA_FFI_ArgType_BUFFER ||
+        call->rets.size != 2 || call->rets.types[0] != XLA_FFI_RetType_BUFFER ||
+        call->rets.types[1] != XLA_FFI_RetType_BUFFER)
+        return ffi_fail(api, "hwport_round: takes one buffer and returns two");
+    if (call->attrs.size != 1 || call->attrs.types[0] != XLA_FFI_AttrType_ARRAY ||
+        call->attrs.names[0]->len != 6 || memcmp(call->attrs.names[0]->ptr, "params", 6))
+        return ffi_fail(api, "hwport_round: takes one attribute, params");
+    const XLA_FFI_Array *a = (const XLA_FFI_Array *)call->attrs.attrs[0];
+    const XLA_FFI_Buffer *x = (const XLA_FFI_Buffer *)call->args.args[0];
+    XLA_FFI_Buffer *y = (XLA_FFI_Buffer *)call->rets.rets[0];
+    XLA_FFI_Buffer *cnt = (XLA_FFI_Buffer *)call->rets.rets[1];
+    if (a->dtype != XLA_FFI_DataType_S64 || a->size != FFI_NPARAMS)
+        return ffi_fail(api, "hwport_round: params must be int64[14]");
+    const int64_t *v = (const int64_t *)a->data;
+    int width = ffi_width(x->dtype);
+    if (width == 0 || width != v[0] || y->dtype != x->dtype || y->rank != x->rank)
+        return ffi_fail(api, "hwport_round: x and its result must be float32 or float64, "
+                             "the width params name");
+    if (cnt->dtype != XLA_FFI_DataType_S32 || cnt->rank != 1 || cnt->dims[0] != 3)
+        return ffi_fail(api, "hwport_round: the counts result must be int32[3]");
+    if (v[7] == MODE_STOCHASTIC)
+        return ffi_fail(api, "hwport_round: stochastic rounding needs keys; not served here");
+    Py_ssize_t n = 1;
+    for (int64_t d = 0; d < x->rank; d++) {
+        if (x->dims[d] != y->dims[d])
+            return ffi_fail(api, "hwport_round: x and its result differ in shape");
+        n *= (Py_ssize_t)x->dims[d];
+    }
+    params_t p = {(int)v[1], (int)v[2], (int)v[3], (int)v[4], (int)v[5], (int)v[6],
+                  (int)v[7], (int)v[8], (uint64_t)v[9], (uint64_t)v[10], (uint64_t)v[11],
+                  (uint64_t)v[12], (uint64_t)v[13], 0, 0};
+    job_t job = {x->data, y->data, 0, n, width, p, {0, 0, 0}};
+    counts_t k = {0, 0, 0};
+    run_split(&job, n, 1, &k);  /* one thread: XLA runs other operations on the others */
+    int32_t *c = (int32_t *)cnt->data;
+    c[0] = (int32_t)k.overflow; c[1] = (int32_t)k.underflow; c[2] = (int32_t)k.nonfinite;
+    return NULL;
+}
+
 static PyMethodDef methods[] = {
     {"quantize", quantize, METH_VARARGS,
      "Round a float32/float64 buffer into another (or itself), with up to `threads` "
@@ -329,5 +424,11 @@ static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_kernels", NULL, -1,
 
 PyMODINIT_FUNC PyInit__kernels(void) {
     pthread_atfork(NULL, NULL, after_fork_child);
-    return PyModule_Create(&module);
+    PyObject *m = PyModule_Create(&module);
+    if (m == NULL) return NULL;
+    PyObject *handler = PyCapsule_New((void *)ffi_round, NULL, NULL);
+    if (handler == NULL || PyModule_AddObject(m, "ffi_round", handler) < 0) {
+        Py_XDECREF(handler); Py_DECREF(m); return NULL;
+    }
+    return m;
 }

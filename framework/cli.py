@@ -55,7 +55,17 @@ def _version(value: bool) -> None:
         from hwport.rounding import NATIVE_KERNEL
 
         kernel = "native C" if NATIVE_KERNEL else "numpy (C kernel not built)"
-        out.print(f"hwport {hwport.__version__} (rounding kernel: {kernel})", highlight=False)
+        try:
+            import jax  # noqa: F401
+        except ImportError:
+            programs = "jax not installed"
+        else:
+            from hwport.rounding import ffi_kernel
+
+            why = ffi_kernel()
+            programs = "native C through XLA FFI" if why is None else f"XLA operations ({why})"
+        out.print(f"hwport {hwport.__version__} (rounding kernel: {kernel}; in jitted JAX "
+                  f"programs on CPU: {programs})", highlight=False)
         raise typer.Exit()
 
 

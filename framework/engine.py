@@ -639,12 +639,13 @@ class Emulator:
             self._fold()
             if self.reduce_gradients is not None:
                 self.reduce_gradients([p.grad for p in params if p.grad is not None])
+            scaled_by = self.scale  # GradScaler unscales by it before it updates the scale
             skip = self._loss_scaling(params)
             if not skip:
-                if self.scale != 1.0:
+                if scaled_by != 1.0:
                     for p in params:
                         assert p.grad is not None
-                        p.grad.mul_(1.0 / self.scale)
+                        p.grad.mul_(1.0 / scaled_by)
                 for w, master in self._masters.items():
                     w.data, self._masters[w] = master, w.data
         if not skip:

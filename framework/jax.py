@@ -48,7 +48,7 @@ from hwport import plugins
 from hwport.errors import HwportError
 from hwport.formats import FloatFormat
 from hwport.recipes import SCALE_EXPONENT, FP8Scaling, Lowered, Recipe, compute_format, lower
-from hwport.rounding import KernelParams, Rounding, kernel_params, round_jax, tally_jax
+from hwport.rounding import KernelParams, Rounding, kernel_params, round_counted_jax
 from hwport.spec import BackendSpec
 
 __all__ = ["Emulated", "Packed", "UnsupportedPrimitive", "emulate", "pack", "unpack"]
@@ -118,17 +118,19 @@ def _float(x: Any) -> bool:
 
 
 @cache
-def _rounder(p: KernelParams) -> Callable[[Any], Any]:
-    """Round a float32/float64 array as ``p`` says; the tangent passes straight through."""
-    ftype = jnp.float32 if p.width == 32 else jnp.float64
+def _rounder(p: KernelParams) -> Callable[[Any], tuple[Any, Any]]:
+    """``x`` (float32 or float64, as ``p`` says) rounded as ``p`` says, and its [overflow,
+    underflow, nonfinite] counts (:func:`hwport.rounding.round_counted_jax`); the tangent
+    passes straight through the rounding."""
 
     @jax.custom_jvp
-    def rnd(x: Any) -> Any:
-        return round_jax(x.astype(ftype), p, quiet=False).astype(x.dtype)
+    def rnd(x: Any) -> tuple[Any, Any]:
+        return round_counted_jax(x, p)
 
     @rnd.defjvp
     def _jvp(primals: tuple[Any, ...], tangents: tuple[Any, ...]) -> tuple[Any, Any]:
-        return rnd(primals[0]), tangents[0]
+        y, counts = rnd(primals[0])
+        return (y, counts), (tangents[0], np.zeros(counts.shape, jax.dtypes.float0))
 
     return rnd  # type: ignore[no-any-return]
 
@@ -194,9 +196,16 @@ class Packed:
         self._layouts[_signature(args)] = self.layout
         return out, counts
 
-    def __call__(self, *args: Any) -> tuple[Any, dict[str, dict[str, int]]]:
+    def launch(self, *args: Any) -> tuple[Any, Callable[[], dict[str, dict[str, int]]]]:
+        """Start the program: ``(outputs, read)``, the outputs still being computed and
+        ``read()`` the totals on the host (it waits for them)."""
         out, counts = self.program(*args)
-        return out, unpack(self._layouts[_signature(args)], counts)
+        layout = self._layouts[_signature(args)]
+        return out, lambda: unpack(layout, counts)
+
+    def __call__(self, *args: Any) -> tuple[Any, dict[str, dict[str, int]]]:
+        out, read = self.launch(*args)
+        return out, read()
 
 
 def _signature(args: Any) -> tuple[Any, ...]:
@@ -238,8 +247,8 @@ def _rounded(x: Any, fmt: FloatFormat, saturate: bool | None = None) -> tuple[An
     [overflow, underflow, nonfinite] counts."""
     width = 64 if x.dtype == jnp.float64 else 32
     p = kernel_params(fmt, width, Rounding.NEAREST, None, saturate, 23)
-    ftype = jnp.float32 if width == 32 else jnp.float64
-    return _rounder(p)(x), tally_jax(lax.stop_gradient(x).astype(ftype), p)
+    y, counts = _rounder(p)(x.astype(jnp.float32 if width == 32 else jnp.float64))
+    return y.astype(x.dtype), counts
 
 
 def _round(ctx: _Ctx, x: Any, fmt: FloatFormat | None, key: str) -> Any:

@@ -19,7 +19,7 @@ with an error). Telemetry is device 0's, as torch's data-parallel run reports ra
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -173,8 +173,7 @@ class DataParallel(jaxrun.Trainer):
 
         return _mapped(device, world, (REPLICATED, SHARDED, REPLICATED))
 
-    def gradients(self, params: Any, batch: Any) -> tuple[Any, Any, dict[str, Any], Any, bool,
-                                                             bool]:
+    def _launch(self, params: Any, batch: Any) -> tuple[tuple[Any, ...], Callable[[], Any]]:
         if self._program is None:
             self._program = self._build()
         out = jax.device_get(self._program(params, batch, np.float32(self.scale)))
@@ -192,8 +191,9 @@ class DataParallel(jaxrun.Trainer):
         devices = [unpack(self.programs.fb.layout, t) for t in out["totals"]]
         values = out["value"]
         value = values[0] if np.isfinite(values).all() else np.float32("nan")
-        return (value, grads, devices[0], out["counts"][0], bool(np.isfinite(reduced[0]).all()),
-                any(jaxrun.overflowed(t) for t in devices))
+        over = any(jaxrun.overflowed(t) for t in devices)
+        return ((value, grads, out["counts"][0], bool(np.isfinite(reduced[0]).all()), None),
+                lambda: (devices[0], over))
 
 
 def _all_reduce(algorithm: str, inputs: np.ndarray, fmt: str, shape: tuple[int, ...]

@@ -207,9 +207,10 @@ class Trainer:
                         np.float32)
 
     def _record(self, amax: Any) -> None:
-        """Append this step's amax of each training site to its history."""
+        """Append this step's amax of each training site to its history (None: the
+        program has no FP8 scaling sites)."""
         policy = self.lowered.recipe.fp8_scaling
-        if policy is None:
+        if policy is None or amax is None:
             return
         for site, a in zip(self.programs.sites["fb"], np.asarray(amax).tolist(), strict=True):
             hist = self._amax.setdefault(site, [])
@@ -251,30 +252,46 @@ class Trainer:
         """Forward and backward at the current loss scale: (loss, gradients rounded to their
         format and still scaled, telemetry totals, gradient rounding counts, whether every
         gradient is finite, whether backward overflowed)."""
-        (value, grads, counts, finite, amax), totals = self.programs.fb(
-            params, batch, np.float32(self.scale), self._delayed("fb"))
+        (value, grads, counts, finite, amax), read = self._launch(params, batch)
+        totals, over = read()
         self._record(amax)
-        return value, grads, totals, counts, bool(finite), overflowed(totals)
+        return value, grads, totals, counts, bool(finite), over
+
+    def _launch(self, params: Any, batch: Any) -> tuple[tuple[Any, ...], Callable[[], Any]]:
+        """Start forward and backward at the current loss scale: ((loss, gradients,
+        gradient rounding counts, finite, amax per FP8 scaling site or None), ``read``), where
+        ``read()`` waits for the telemetry totals and whether backward overflowed."""
+        out, read = self.programs.fb.launch(params, batch, np.float32(self.scale),
+                                            self._delayed("fb"))
+
+        def totals() -> tuple[dict[str, Any], bool]:
+            t = read()
+            return t, overflowed(t)
+
+        return out, totals
 
     def step(self, params: Any, master: Any, state: Any, batch: Any,
              index: int) -> tuple[float, Any, Any, Any]:
-        """One training step; returns (loss, params, master, state)."""
-        value, grads, totals, counts, finite, over = self.gradients(params, batch)
+        """One training step; returns (loss, params, master, state). Without loss scaling
+        no step is skipped, so the update is started before the host reads the step's
+        telemetry (as a native step's update follows its gradients without waiting)."""
+        (value, grads, counts, finite, amax), read = self._launch(params, batch)
+        target = master if master is not None else params
+        scale = self.scale
+        update = None
+        if self.lowered.recipe.loss_scaling is None:
+            update = self._update(target, grads, state, index, scale)
+        totals, over = read()
+        self._record(amax)
         _add_emulated(self.telemetry, totals)
         _add(self.telemetry, "backward/gradients", counts)
-        if self._skip(finite, over):
+        if self._skip(bool(finite), over):
             return float(value), params, master, state
-        unscale = np.float32(1.0 / self.scale)
-        lr = self.jp.optimizer.lr
-        if self.lowered.recipe.warmup_steps:
-            lr *= min(1.0, (self.steps_applied + 1) / self.lowered.recipe.warmup_steps)
-        target = master if master is not None else params
-        # numpy scalars: passed with the call, not put on the device one by one
-        new, state, counts = self.programs.update(target, grads, state, np.float32(lr),
-                                                  np.int32(index), unscale,
-                                                  np.int32(self.seed & 0x7FFFFFFF))
-        self.steps_applied += 1
+        if update is None:
+            update = self._update(target, grads, state, index, scale)
+        new, state, counts = update
         c = np.asarray(counts)
+        self.steps_applied += 1
         if self.target is not None:
             _add(self.telemetry, "optimizer/weights", c[0])
             self.telemetry.updates_attempted += int(c[2, 0])
@@ -288,6 +305,20 @@ class Trainer:
         else:
             params = new
         return float(value), params, master, state
+
+    def _update(self, target: Any, grads: Any, state: Any, index: int,
+                scale: float) -> tuple[Any, Any, Any]:
+        """Start the optimizer step on gradients computed at loss scale ``scale`` (the
+        scale before GradScaler's update of this step, as torch's ``scaler.step`` unscales
+        before ``scaler.update``): (new target, new state, counts [weights, state, lost])."""
+        lr = self.jp.optimizer.lr
+        if self.lowered.recipe.warmup_steps:
+            lr *= min(1.0, (self.steps_applied + 1) / self.lowered.recipe.warmup_steps)
+        # numpy scalars: passed with the call, not put on the device one by one
+        new, state, counts = self.programs.update(target, grads, state, np.float32(lr),
+                                                  np.int32(index), np.float32(1.0 / scale),
+                                                  np.int32(self.seed & 0x7FFFFFFF))
+        return new, state, counts
 
     def _skip(self, finite: bool, over: bool) -> bool:
         """GradScaler's update; True when the step must be skipped."""

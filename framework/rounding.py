@@ -36,7 +36,7 @@ from typing import Any, TypeVar, cast
 import numpy as np
 
 from hwport import formats as _formats
-from hwport.errors import FormatError
+from hwport.errors import FormatError, HwportError
 from hwport.formats import FloatFormat
 
 try:
@@ -502,16 +502,90 @@ def _sums(ndim: int, *flags: Any) -> Any:
     return jnp.stack(sums)
 
 
+FFI_TARGET = "hwport_round"  # the C kernel as an XLA FFI handler (CPU)
+
+
+def ffi_kernel() -> str | None:
+    """Why jitted JAX programs on CPU do not round with the C kernel (:data:`FFI_TARGET`),
+    or None when they do: its handler is registered with XLA on first use. The environment
+    variable ``HWPORT_JAX_KERNEL=xla`` makes them use XLA's operations (``ffi``, the
+    default: the C kernel where it works)."""
+    choice = os.environ.get("HWPORT_JAX_KERNEL", "ffi")
+    if choice not in ("ffi", "xla"):
+        raise HwportError(f"environment variable HWPORT_JAX_KERNEL={choice!r}: expected "
+                          "'ffi' (the C kernel in jitted JAX programs on CPU) or 'xla'")
+    if choice == "xla":
+        return "HWPORT_JAX_KERNEL=xla"
+    return _ffi_probe()
+
+
+@lru_cache(maxsize=1)
+def _ffi_probe() -> str | None:
+    """Register the handler with XLA and probe it (once): None if it serves, else why not."""
+    if _kernels is None:
+        return "hwport was built without its C extension"
+    import jax
+
+    # a probe with each count and float32-subnormal results (which a flushing floating-point
+    # environment would zero): the handler must give the kernel's bits in a compiled
+    # program, or XLA's operations serve (an XLA of another FFI version may refuse it)
+    x = np.array([1.0, -1e-39, 3e-39, 1e-45, 3.4e38, np.inf, np.nan], np.float32)
+    p = kernel_params(_formats.bf16, 32, Rounding.NEAREST, None, None, 23)
+    want = np.empty_like(x)
+    counts = round_into(x, want, p, threads=1)
+    try:
+        jax.ffi.register_ffi_target(FFI_TARGET, _kernels.ffi_round, platform="cpu")
+        with jax.ensure_compile_time_eval():  # run now, even when called while tracing
+            cpu = jax.device_put(x, jax.devices("cpu")[0])
+            y, c = jax.jit(lambda v: _round_counted_ffi(v, p))(cpu)
+            got = np.asarray(y), tuple(int(v) for v in np.asarray(c))
+    except Exception as e:  # whatever XLA raises, its own operations serve
+        return f"XLA refused the FFI handler: {type(e).__name__}: {e}"
+    if got[0].view(np.uint32).tolist() != want.view(np.uint32).tolist() or got[1] != counts:
+        return "the FFI handler's probe gave other bits or counts than the C kernel"
+    return None
+
+
+def _round_counted_xla(x: Any, p: KernelParams) -> tuple[Any, Any]:
+    """(``x`` rounded, its counts) in XLA's operations (nearest or toward zero)."""
+    return round_jax(x, p), tally_jax(x, p)
+
+
+def _round_counted_ffi(x: Any, p: KernelParams) -> tuple[Any, Any]:
+    """(``x`` rounded, its counts): the C kernel's one pass, called from the XLA program."""
+    import jax
+    import jax.numpy as jnp
+
+    params = np.array([p.width, p.m, p.emin, p.esub, p.ftz, p.gap, p.overflow, p.mode,
+                       p.rbits, p.max_bits, p.inf_bits, p.maxsub_bits, p.minnorm_bits,
+                       p.nan_bits], np.int64)
+    shapes = (jax.ShapeDtypeStruct(x.shape, x.dtype),  # type: ignore[no-untyped-call]
+              jax.ShapeDtypeStruct((3,), jnp.int32))  # type: ignore[no-untyped-call]
+    call = jax.ffi.ffi_call(FFI_TARGET, shapes, vmap_method="sequential",
+                            input_output_aliases={0: 0})
+    y, counts = call(x, params=params)
+    return y, counts
+
+
 def round_counted_jax(x: Any, p: KernelParams, keys: tuple[Any, Any] | None = None
                       ) -> tuple[Any, Any]:
-    """(``x`` rounded as :func:`round_jax` with ``quiet=False``, its :func:`tally_jax`
-    counts), in any mode: a stochastic rounding is computed with overflow to inf, which
-    shows what overflowed, and then given the format's overflow value."""
+    """(``x`` rounded as :func:`round_jax`, its :func:`tally_jax` counts), in any mode.
+
+    Nearest and toward-zero rounding on CPU run the C kernel inside the program (an XLA FFI
+    call, :func:`ffi_kernel`): one pass that rounds and counts, where XLA's own operations
+    need a reduction per rounded array that its CPU backend cannot fuse with the rounding
+    (measured in docs/jax.md). Other platforms, and a build without the C extension, take
+    XLA's operations, with the same bits. A stochastic rounding is computed with overflow
+    to inf, which shows what overflowed, and then given the format's overflow value."""
     import jax.numpy as jnp
     from jax import lax
 
     if p.mode != _MODES[Rounding.STOCHASTIC]:
-        return round_jax(x, p, keys, quiet=False), tally_jax(x, p)
+        if ffi_kernel() is not None:
+            return _round_counted_xla(x, p)
+        return lax.platform_dependent(  # type: ignore[no-any-return]
+            x, cpu=lambda v: _round_counted_ffi(v, p), default=lambda v: _round_counted_xla(
+                v, p))
     c = F32 if p.width == 32 else F64
     itype = jnp.int32 if p.width == 32 else jnp.int64
     bits = lax.bitcast_convert_type(x, itype)

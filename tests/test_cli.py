@@ -50,6 +50,12 @@ def test_version() -> None:
     r = hwport_cli("--version")
     assert r.returncode == 0, r.stderr
     assert "hwport 0.1" in r.stdout
+    # whether jitted JAX programs round with the C kernel (its FFI handler's probe)
+    from hwport.rounding import ffi_kernel
+
+    why = ffi_kernel()
+    assert ("native C through XLA FFI" if why is None else f"XLA operations ({why})") \
+        in flat(r.stdout)
 
 
 @pytest.mark.skipif(not SCRIPT.exists(), reason="no hwport console script next to python")

@@ -386,6 +386,20 @@ def test_loss_scale_of_a_well_scaled_model_does_not_overflow_fp16() -> None:
     assert not torch.equal(m.weight.detach(), w0)
 
 
+def test_loss_scale_growth_unscales_by_the_scale_the_gradients_carry() -> None:
+    """GradScaler unscales a step's gradients by the scale they were computed with, then
+    grows the scale (``scaler.step`` before ``scaler.update``). In exact fp32 arithmetic
+    a power-of-two loss scale changes nothing, growth steps included: the weights are the
+    unscaled run's to the bit (unscaling by the grown scale halved every growth step)."""
+    growing = dataclasses.replace(builtin("fp32"), loss_scaling=LossScaling(
+        init_scale=2.0**4, growth_interval=1))
+    em, m, _ = tiny_loop("reference", growing, 4)
+    assert em.telemetry.loss_scale == [2.0**4, 2.0**5, 2.0**6, 2.0**7]
+    _, plain, _ = tiny_loop("reference", builtin("fp32"), 4)
+    assert torch.equal(m.weight.detach(), plain.weight.detach())
+    assert torch.equal(m.bias.detach(), plain.bias.detach())
+
+
 def test_saturating_hardware_hides_overflow_from_gradscaler() -> None:
     """dojo's CFloat16 saturates: GradScaler's inf/NaN check never fires, the step is
     applied with clamped gradients; the overflow-flag check skips it."""

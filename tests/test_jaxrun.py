@@ -94,6 +94,33 @@ def test_kahan_updates_recover_what_nearest_rounding_loses(reference_cache: Path
         t.telemetry["lost_update_fraction"], abs=0.01)
 
 
+def test_loss_scale_growth_unscales_by_the_scale_the_gradients_carry() -> None:
+    """As in the torch engine: a step's gradients are unscaled by the scale they carry,
+    and the scale grows after; in exact fp32 a power-of-two loss scale changes no weight,
+    growth steps included."""
+    import numpy as np
+
+    from hwport import jaxrun
+    from hwport.engine import seeded
+    from hwport.pipelines.jaxnets import twin
+    from hwport.recipes import LossScaling, lower
+
+    jp = twin(runner.resolve_pipeline("digits", 4, {"optimizer": "sgd", "lr": 0.05}))
+    fp32 = plugins.registry().recipe("fp32")
+    growing = dataclasses.replace(fp32, loss_scaling=LossScaling(init_scale=2.0**4,
+                                                                 growth_interval=1))
+    ref = plugins.get_backend("reference")
+    a = jaxrun.train(jp, lower(growing, ref), 0)
+    b = jaxrun.train(jp, lower(fp32, ref), 0)
+    assert a["telemetry"]["loss_scale"] == [2.0**4, 2.0**5, 2.0**6, 2.0**7]
+    for k in b["params"]:
+        assert np.array_equal(np.asarray(a["params"][k]), np.asarray(b["params"][k])), k
+    assert a["curve"] == b["curve"]
+    with seeded(0):
+        init = jp.init()
+    assert all(not np.array_equal(np.asarray(b["params"][k]), v) for k, v in init.items())
+
+
 def test_fp8_scaling_agrees_with_torch(reference_cache: Path) -> None:
     """Per-tensor FP8 scaling (delayed, from each site's amax history) in the JAX engine:
     the outcome of every backend as torch's, simgpu's scaled e4m3/e5m2 training within

@@ -17,6 +17,7 @@ included.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 import warnings
 from collections.abc import Iterator
@@ -33,7 +34,7 @@ from formats_under_test import CFP8FTZ, FORMATS
 import hwport
 from hwport import formats as F
 from hwport import rounding
-from hwport.errors import FormatError
+from hwport.errors import FormatError, HwportError
 from hwport.rounding import (
     Rounding,
     _quantize_torch,
@@ -497,6 +498,60 @@ def test_jax_counts_match_the_kernel(name: str, mode: str) -> None:
     assert got == want
     # the inputs exercise each count (truncation cannot overflow bf16's fp32 range)
     assert want[1] > 0 and want[2] > 0 and (want[0] > 0 or (name, mode) == ("bf16", "toward_zero"))
+
+
+@pytest.mark.parametrize("path", ["ffi", "xla"])
+@pytest.mark.parametrize("name", sorted(FORMATS))
+def test_jax_program_paths_match_the_kernel(name: str, path: str) -> None:
+    """Both ways a jitted program rounds and counts without stochastic bits give the C
+    kernel's bits (NaN payloads included) and counts, for float32 and float64, nearest and
+    toward zero, saturating or not: the C kernel called by XLA (``ffi``, CPU; it must not
+    inherit XLA's flush-to-zero of subnormals) and XLA's own operations (``xla``, other
+    platforms)."""
+    if path == "ffi" and rounding._ffi_probe() is not None:
+        pytest.skip(f"the kernel does not serve jitted programs here: {rounding._ffi_probe()}")
+    fn = rounding._round_counted_ffi if path == "ffi" else rounding._round_counted_xla
+    x32 = cross_set(name)
+    x64 = np.concatenate([widen(x32), np.exp2(np.arange(-1080.0, 1023.5, 0.37))])
+    for x in (x32, x64):
+        width = 32 if x.dtype == np.float32 else 64
+        for mode, saturate in itertools.product((Rounding.NEAREST, Rounding.TOWARD_ZERO),
+                                                (None, True, False)):
+            try:
+                p = rounding.kernel_params(FORMATS[name], width, mode, None, saturate, 23)
+            except FormatError:  # a format that can only saturate
+                continue
+            out = np.empty_like(x)
+            want = rounding.round_into(x, out, p)
+            with jax.enable_x64(width == 64):
+                y, counts = jax.jit(lambda v, p=p: fn(v, p))(jnp.asarray(x))
+            what = f"{name} {path} f{width} {mode.value} saturate={saturate}"
+            assert_same(np.asarray(y), out, x, what, nan_bits=True, want_is="C kernel")
+            assert tuple(int(c) for c in counts) == want, what
+
+
+def test_jax_programs_round_with_the_kernel_unless_told_not_to(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """On CPU a jitted program rounds through the C kernel's FFI handler; the environment
+    variable HWPORT_JAX_KERNEL=xla makes it use XLA's operations, and a value it does not
+    know is an error naming it."""
+    if rounding._ffi_probe() is not None:
+        pytest.skip(f"the kernel does not serve jitted programs here: {rounding._ffi_probe()}")
+    monkeypatch.delenv("HWPORT_JAX_KERNEL", raising=False)
+    p = rounding.kernel_params(FORMATS["bf16"], 32, Rounding.NEAREST, None, None, 23)
+
+    def program() -> str:
+        return str(jax.jit(lambda v: rounding.round_counted_jax(v, p)).lower(
+            jnp.ones(4, jnp.float32)).as_text())
+
+    assert rounding.ffi_kernel() is None
+    assert rounding.FFI_TARGET in program()
+    monkeypatch.setenv("HWPORT_JAX_KERNEL", "xla")
+    assert rounding.ffi_kernel() == "HWPORT_JAX_KERNEL=xla"
+    assert rounding.FFI_TARGET not in program()
+    monkeypatch.setenv("HWPORT_JAX_KERNEL", "fast")
+    with pytest.raises(HwportError, match="HWPORT_JAX_KERNEL='fast'"):
+        program()
 
 
 @pytest.mark.parametrize("mode", MODES)
