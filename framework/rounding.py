@@ -417,16 +417,14 @@ def _xla_dtype(p: KernelParams) -> tuple[str, bool] | None:
     return None
 
 
-def round_jax(x: Any, p: KernelParams, keys: tuple[Any, Any] | None = None,
-              quiet: bool = True) -> Any:
+def round_jax(x: Any, p: KernelParams, keys: tuple[Any, Any] | None = None) -> Any:
     """``x`` (a float32 or float64 JAX array, traced or not) rounded as ``p`` says, bit for
     bit as the other kernels; stochastic bits from ``keys`` (two traced uint32) if given.
 
     Formats XLA converts to natively take that path, written in floating-point operations
     only (integer views of a value split XLA's fusions, making emulated programs several
-    times slower). ``quiet=False`` there leaves a signaling NaN signaling rather than
-    quieting it (arithmetic never makes one; XLA fuses that form better). Either way a
-    select keeps the two conversions apart from the value's consumers: XLA folds a bare
+    times slower). A select (which also quiets a NaN, as the kernel does) keeps the two
+    conversions apart from the value's consumers: XLA folds a bare
     pair into a consumer, which then computes in the narrow type (a sum of rounded values
     accumulated in bf16, say). XLA's ``reduce_precision`` gives bf16's bits too, but was
     measured slower in emulated programs where most values are rounded (2x on the ``lm``
@@ -441,7 +439,7 @@ def round_jax(x: Any, p: KernelParams, keys: tuple[Any, Any] | None = None,
         if ftz:  # a result below the smallest normal is a zero of its sign
             y = jnp.where(jnp.abs(y) < F32.value(p.minnorm_bits), y * 0, y)
         # a NaN keeps its payload, quieted (as the kernel)
-        return jnp.where(x != x, x + x if quiet else x, y)
+        return jnp.where(x != x, x + x, y)
     ops = _JaxOps(p.width, keys)
     bits = lax.bitcast_convert_type(x, ops.itype)
     idx = lax.iota(jnp.int32, x.size).reshape(x.shape)

@@ -174,6 +174,8 @@ def test_jax_scaled_matmul_is_the_torch_engines(reference_cache: Path) -> None:
         for h, a in zip(history, np.asarray(amax).tolist(), strict=True):
             h.append(a)
     assert history[0] == [float(np.abs(x).max()) for x in xs]
+    with pytest.raises(HwportError, match="1 delayed amax values for 2 per-tensor"):
+        f.with_scaling(np.ones(1, np.float32), xs[0], w)
 
 
 def test_jax_serves_torch_weights_as_torch_does(reference_cache: Path) -> None:

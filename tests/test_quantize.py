@@ -456,16 +456,16 @@ def test_jax_conversion_path_matches_the_kernel_with_flush_to_zero(name: str) ->
 @pytest.mark.parametrize("ftz", (False, True))
 @pytest.mark.parametrize("name", ["bf16", "fp16", "e5m2", "e4m3fn"])
 def test_jax_program_rounding_matches_the_kernel(name: str, ftz: bool) -> None:
-    """The form emulated programs round in (``quiet=False``), jitted inside arithmetic that
-    XLA could fold it into: the C kernel's bits for every input but a NaN, which stays a
-    NaN."""
+    """XLA's form of the rounding (what programs off CPU round with), jitted inside
+    arithmetic that XLA could fold it into: the C kernel's bits for every input but a NaN,
+    which stays a NaN."""
     fmt = FORMATS[name]
     if ftz:
         fmt = dataclasses.replace(fmt, name=f"{name}_ftz", subnormals=False)
     p = rounding.kernel_params(fmt, 32, rounding.Rounding.NEAREST, None, None, 23)
     x = cross_set(name)
     ref = hwport.quantize(x, fmt)
-    got = jax.jit(lambda v: rounding.round_jax(v, p, quiet=False))(jnp.asarray(x))
+    got = jax.jit(lambda v: rounding.round_jax(v, p))(jnp.asarray(x))
     assert_same(np.asarray(got), ref, x, f"{name} program rounding", want_is="C kernel")
     # a rounded sum of rounded values (as an emulated reduction is): XLA rewrites a bare
     # pair of conversions around a reduction into a reduction in the narrow type. These
@@ -473,8 +473,7 @@ def test_jax_program_rounding_matches_the_kernel(name: str, ftz: bool) -> None:
     v = np.random.default_rng(0).uniform(1, 2, (256, 64)).astype(np.float32)
 
     def rounded_sums(v: jax.Array) -> jax.Array:
-        return rounding.round_jax(jnp.sum(rounding.round_jax(v * 1.5, p, quiet=False),
-                                          axis=-1), p, quiet=False)
+        return rounding.round_jax(jnp.sum(rounding.round_jax(v * 1.5, p), axis=-1), p)
 
     exact = hwport.quantize(v * np.float32(1.5), fmt).astype(np.float64).sum(axis=-1)
     want = hwport.quantize(exact.astype(np.float32), fmt)
